@@ -1,0 +1,426 @@
+"""
+A looped transformer language model in one file.
+
+    x = Prelude(wte[idx]);  e = RMSNorm(x)             run once
+    h = h0;  repeat T times: h = Core(Inject(h, e))    the SAME core weights every step
+    logits = RMSNorm(Coda(C h)) @ wte^T                run once
+
+Three ways to inject the input e into the loop (GPTConfig.injection):
+    "add"       naive addition            h + e                          (LoopLM-135M-naive)
+    "concat"    concat + projection       W [h; e]                       (RDM / Huginn)
+    "diagonal"  stable diagonal system    exp(-dt*A) * h + dt * (B e)    (Parcae)
+
+Use it:
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(injection="diagonal"))
+    logits, loss = model(idx, targets)                  # training: depths are sampled
+    model.eval(); out = model.generate(idx, 100, num_loops=16)   # choose test-time depth
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORM_EPS = 1e-5
+INJECTIONS = ("add", "concat", "diagonal")
+DEPTH_SAMPLING = ("sequence", "batch", "fixed")
+STATE_INIT = ("random", "zero")
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024         # longest sequence the model sees
+    vocab_size: int = 50304        # GPT-2's 50257 tokens padded to a multiple of 64
+    n_embd: int = 768              # width d of the residual stream (and of the loop state h)
+    n_head: int = 12               # query heads
+    n_kv_head: int = 12            # key/value heads (grouped-query attention when < n_head)
+    n_prelude: int = 2             # blocks run once before the loop
+    n_core: int = 2                # blocks run T times inside the loop, shared weights
+    n_coda: int = 2                # blocks run once after the loop
+    injection: str = "diagonal"    # "add" | "concat" | "diagonal", see the docstring
+    prelude_norm: bool = True      # RMSNorm on the prelude output before it is injected
+    mean_recurrence: int = 8       # mu_rec: mean loop depth in training, the depth at eval
+    backprop_depth: int = 4        # mu_bwd: gradient flows through the last min(T, mu_bwd) steps
+    depth_sampling: str = "sequence"  # "sequence" (Parcae) | "batch" (Huginn) | "fixed"
+    state_init: str = "random"     # "random" (training only; zero in eval) | "zero"
+    rope_base: float = 10000.0     # rotary embedding base
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: {why}")
+        for f in ("block_size", "vocab_size", "n_embd", "n_head", "n_kv_head", "n_core",
+                  "mean_recurrence", "backprop_depth"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
+                bad(f, "must be an integer >= 1")
+        for f in ("n_prelude", "n_coda"):
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
+                bad(f, "must be an integer >= 0")
+        if self.n_embd % self.n_head:
+            bad("n_embd", f"must be divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            bad("n_embd", "head size n_embd // n_head must be even for rotary embeddings")
+        if self.n_head % self.n_kv_head:
+            bad("n_head", f"must be divisible by n_kv_head={self.n_kv_head}")
+        for f, allowed in (("injection", INJECTIONS), ("depth_sampling", DEPTH_SAMPLING),
+                           ("state_init", STATE_INIT)):
+            if getattr(self, f) not in allowed:
+                bad(f, f"must be one of {allowed}")
+        if not isinstance(self.prelude_norm, bool):
+            bad("prelude_norm", "must be True or False")
+        if not self.rope_base > 0:
+            bad("rope_base", "must be > 0")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # statistics in the gain's precision (fp32), even when x is bf16 under autocast
+        return F.rms_norm(x.to(self.weight.dtype), (x.size(-1),), self.weight, NORM_EPS).type_as(x)
+
+
+def apply_rope(x, cos, sin):  # x (B, T, H, hd), cos/sin (T, hd/2); rotate-half layout
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of past tokens for ONE attention application (a layer, or a core layer at one loop step)."""
+
+    def __init__(self):
+        self.k = self.v = None  # (B, n_kv_head, L, head_dim)
+        self.new = None         # the (k, v) of the latest call, for callers that keep them elsewhere
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.size(2)
+
+    def __call__(self, k, v, store=True):
+        self.new = (k, v)
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        if store:
+            self.k, self.v = k, v
+        return k, v
+
+    def nbytes(self):
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
+        self.q = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
+        self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
+        self.o = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, store=True):
+        B, T, C = x.shape
+        q = self.q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # QK-norm without parameters keeps attention logits bounded however the loop state grows
+        q = apply_rope(F.rms_norm(q, (self.head_dim,), eps=NORM_EPS), cos, sin)
+        k = apply_rope(F.rms_norm(k, (self.head_dim,), eps=NORM_EPS), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        past = 0 if cache is None else len(cache)
+        if cache is not None:
+            k, v = cache(k, v, store)
+        mask = None  # causal: a fresh sequence, or one new token that sees everything cached
+        if past and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
+        return self.o(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.up = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
+        self.down = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)).square())  # ReLU^2
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1, self.attn = RMSNorm(cfg.n_embd), Attention(cfg)
+        self.ln_2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, store=True):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, store)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.n_embd
+        self.wte = nn.Embedding(cfg.vocab_size, d)  # tied with the output head
+        self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
+        self.ln_prelude = RMSNorm(d) if cfg.prelude_norm else None
+        self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))
+        self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
+        self.ln_f = RMSNorm(d)
+        if cfg.injection == "concat":
+            self.W = nn.Linear(2 * d, d, bias=False)  # acts on [h ; e], state first
+        if cfg.injection == "diagonal":
+            self.A_log = nn.Parameter(torch.zeros(d))
+            self.dt_bias = nn.Parameter(torch.zeros(d))
+            self.B = nn.Linear(d, d, bias=False)
+            self.C = nn.Linear(d, d, bias=False)  # output projection of the loop
+        hd = d // cfg.n_head
+        inv_freq = cfg.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+        self.register_buffer("cos", angles.cos(), persistent=False)  # (block_size, hd/2)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.last_depths = None  # (n, k) per sequence of the latest forward, for MFU and padded-work stats
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self):
+        d = self.config.n_embd
+        self.init_std = std = math.sqrt(2 / (5 * d))  # "scaled-zero" init
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.down.weight")):
+                nn.init.zeros_(p)  # every block starts as the identity
+            elif name == "B.weight":
+                p.copy_(torch.eye(d))
+            elif name == "A_log":
+                p.zero_()
+            elif name == "dt_bias":
+                # softplus^-1(-ln sqrt(1/5)): decay exp(-dt) = sqrt(1/5) = 0.4472, dt = 0.8047
+                p.fill_(math.log(math.expm1(-math.log(math.sqrt(0.2)))))
+            elif p.dim() == 2:  # q, k, v, up, wte, C, W
+                nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std)
+            else:
+                nn.init.ones_(p)  # norm gains
+
+    def get_num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields the tied wte once
+
+    # --- depth sampling (SPEC 3.3) -------------------------------------------------------
+    def sample_depths(self, B):
+        """Loop depths T (B,) for one training forward, drawn on the CPU generator."""
+        cfg, mu = self.config, float(self.config.mean_recurrence)
+        if cfg.depth_sampling == "sequence":  # Parcae: an independent Poisson draw per sequence
+            return torch.poisson(torch.full((B,), mu)).clamp(min=1).long()
+        if cfg.depth_sampling == "batch":  # Huginn: log-normal Poisson, one draw for the batch
+            sigma = 0.5
+            tau = torch.normal(math.log(mu) - sigma ** 2 / 2, sigma, (1,))
+            return (torch.poisson(tau.exp()) + 1).long().expand(B).clone()
+        return torch.full((B,), cfg.mean_recurrence, dtype=torch.long)
+
+    def _depths(self, B, num_loops):
+        if num_loops is None:
+            T = self.sample_depths(B) if self.training else torch.full((B,), self.config.mean_recurrence)
+        else:
+            T = torch.as_tensor(num_loops).long().cpu().expand(B).clone()
+            if T.min() < 1:
+                raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        k = T.clamp(max=self.config.backprop_depth)  # every sequence gets >= 1 gradient step
+        return T - k, k
+
+    # --- the pieces of the forward pass ----------------------------------------------------
+    def _prelude(self, idx, cos, sin, caches=None):
+        x = self.wte(idx)  # (B, T, C)
+        for i, block in enumerate(self.prelude):
+            x = block(x, cos, sin, None if caches is None else caches[i])
+        return x if self.ln_prelude is None else self.ln_prelude(x)
+
+    def initial_state(self, e):
+        if self.config.state_init == "random" and self.training:
+            std = self.init_std
+            return nn.init.trunc_normal_(torch.empty_like(e), 0.0, std, -3 * std, 3 * std)
+        return torch.zeros_like(e)  # eval: the mean of that distribution, so eval is deterministic
+
+    def inject(self, h, e):
+        if self.config.injection == "add":
+            return h + e
+        if self.config.injection == "concat":
+            return self.W(torch.cat([h, e], dim=-1))
+        # Parcae: zero-order-hold discretisation of dh/dt = -A h + B e; decay in (0, 1) for ANY A_log, dt_bias
+        dt = F.softplus(self.dt_bias)
+        decay = torch.exp(-dt * self.A_log.exp())
+        return decay * h + dt * self.B(e)
+
+    def core_step(self, h, e, cos, sin, caches=None, store=True):
+        x = self.inject(h, e)
+        for j, block in enumerate(self.core):
+            x = block(x, cos, sin, None if caches is None else caches[j], store)
+        return x
+
+    def _coda(self, h, cos, sin, caches=None, store=True):
+        y = self.C(h) if self.config.injection == "diagonal" else h
+        for i, block in enumerate(self.coda):
+            y = block(y, cos, sin, None if caches is None else caches[i], store)
+        return self.ln_f(y)
+
+    def head(self, y):
+        logits = F.linear(y, self.wte.weight)  # tied embedding
+        return logits if logits.dtype == torch.float64 else logits.float()  # fp32 (fp64 kept for tests)
+
+    def _loop(self, h, e, cos, sin, n, k):
+        """Run sequence i for n[i] steps without gradient, then k[i] steps with it (SPEC 3.3).
+        The loop is time-invariant, so this is T_i = n_i + k_i steps with gradient through the last k_i."""
+        for steps, grad in ((n, False), (k, True)):
+            if grad:
+                h = h.detach()  # gradient stops at the state entering the first gradient step
+            active, all_active = steps.to(h.device)[:, None, None], int(steps.min())
+            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+                for s in range(int(steps.max())):
+                    h_new = self.core_step(h, e, cos, sin)
+                    # a sequence whose depth is used up keeps its state (masked execution)
+                    h = h_new if s < all_active else torch.where(s < active, h_new, h)
+        return h
+
+    def forward(self, idx, targets=None, num_loops=None, h0=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+        cos, sin = self.cos[:T], self.sin[:T]
+        e = self._prelude(idx, cos, sin)  # (B, T, C) the input injected at every step
+        if h0 is None:
+            h0 = self.initial_state(e)
+        elif h0.shape != e.shape:
+            raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {tuple(e.shape)}")
+        n, k = self._depths(B, num_loops)
+        self.last_depths = (n, k)
+        y = self._coda(self._loop(h0, e, cos, sin, n, k), cos, sin)  # (B, T, C)
+        if targets is None:
+            return self.head(y[:, [-1], :]), None  # (B, 1, V)
+        logits = self.head(y)  # (B, T, V)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    # --- stability diagnostics (SPEC 3.5) -------------------------------------------------
+    @torch.no_grad()
+    def loop_stats(self):
+        """Spectral radius rho of the loop's linear part A-bar, and cheap companions."""
+        inj, d = self.config.injection, self.config.n_embd
+        if inj == "add":
+            return {"rho": 1.0}  # A-bar = I: on the stability boundary
+        if inj == "concat":
+            Wh = self.W.weight[:, :d].float()  # the part acting on the state
+            return {"rho": torch.linalg.eigvals(Wh).abs().max().item(),
+                    "sigma_max": torch.linalg.matrix_norm(Wh, ord=2).item()}
+        decay = torch.exp(-F.softplus(self.dt_bias.float()) * self.A_log.float().exp())
+        return {"rho": decay.max().item(), "mean_decay": decay.mean().item()}
+
+    # --- generation with a KV cache (SPEC 4) ------------------------------------------------
+    def new_cache(self, num_loops, mode="full"):
+        """One KVCache per attention application: prelude layer, (loop step, core layer), coda layer.
+        mode="last" keeps one cache per core layer holding each past token's LAST loop step only."""
+        steps = num_loops if mode == "full" else 1
+        return {"pos": 0, "mode": mode,
+                "prelude": [KVCache() for _ in self.prelude],
+                "core": [[KVCache() for _ in self.core] for _ in range(steps)],
+                "coda": [KVCache() for _ in self.coda]}
+
+    @staticmethod
+    def cache_nbytes(cache):
+        caches = cache["prelude"] + cache["coda"] + [c for step in cache["core"] for c in step]
+        return sum(c.nbytes() for c in caches)
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache, num_loops, exit_criterion="none", exit_threshold=0.0):
+        """Run the new tokens idx (B, L) after those in cache; return next-token logits (B, V) and
+        the loop steps each row used (B,). With L == 1 and an exit criterion, a row leaves the loop
+        as soon as the criterion falls under exit_threshold (RDM's adaptive compute)."""
+        B, L = idx.shape
+        pos, full = cache["pos"], cache["mode"] == "full"
+        if pos + L > self.config.block_size:
+            raise ValueError(f"cache of {pos} tokens + {L} new exceeds block_size={self.config.block_size}")
+        cos, sin = self.cos[pos:pos + L], self.sin[pos:pos + L]
+        e = self._prelude(idx, cos, sin, cache["prelude"])
+        h = self.initial_state(e)
+        adaptive = exit_criterion != "none" and L == 1
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        steps = torch.zeros(B, dtype=torch.long, device=idx.device)
+        pending = [None] * len(self.core)  # "last" mode: each row's K/V from its latest step
+        if adaptive and exit_criterion == "kl":
+            logp = F.log_softmax(self.head(self._coda(h, cos, sin, cache["coda"], False)), -1)
+        for r in range(num_loops):
+            caches = cache["core"][r if full else 0]
+            h_new = self.core_step(h, e, cos, sin, caches, store=full)
+            keep = done[:, None, None, None]  # rows that exited already
+            for j, c in enumerate(caches):
+                if full and adaptive and r > 0:  # an exited row's entry at this step is its latest real one
+                    prev = cache["core"][r - 1][j]
+                    c.k[:, :, -1:] = torch.where(keep, prev.k[:, :, -1:], c.k[:, :, -1:])
+                    c.v[:, :, -1:] = torch.where(keep, prev.v[:, :, -1:], c.v[:, :, -1:])
+                if not full:
+                    pending[j] = c.new if r == 0 else tuple(torch.where(keep, p, q) for p, q in zip(pending[j], c.new))
+            h_prev, h = h, torch.where(done[:, None, None], h, h_new)
+            steps += (~done).long()
+            if not adaptive:
+                continue
+            if exit_criterion == "kl":  # KL(p_{r-1} || p_r) of the next-token distributions
+                logp_prev = logp
+                logp = F.log_softmax(self.head(self._coda(h, cos, sin, cache["coda"], False)), -1)
+                crit = (logp_prev.exp() * (logp_prev - logp)).sum(-1).clamp(min=0)[:, -1]
+            elif exit_criterion == "latent":  # relative change of the state
+                crit = ((h - h_prev).norm(dim=-1) / (h.norm(dim=-1) + 1e-12))[:, -1]
+            else:
+                raise ValueError(f"exit_criterion must be none, kl or latent, got {exit_criterion!r}")
+            done |= crit < exit_threshold
+            if bool(done.all()):
+                if full:  # later tokens at steps > r read the latest entry these tokens have
+                    for later in cache["core"][r + 1:]:
+                        for c, c_r in zip(later, caches):
+                            c(c_r.k[:, :, -1:], c_r.v[:, :, -1:])
+                break
+        if not full:  # each token keeps only its last step's K/V
+            for c, (k, v) in zip(cache["core"][0], pending):
+                c(k, v)
+        cache["pos"] = pos + L
+        y = self._coda(h, cos, sin, cache["coda"])
+        return self.head(y[:, -1]), steps
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, num_loops=None, use_cache=True,
+                 cache="full", exit_criterion="none", exit_threshold=0.0, return_stats=False):
+        """Sample max_new_tokens after idx (B, T). temperature=0 is greedy. Prompt tokens run num_loops
+        steps; with an exit criterion each generated token may leave the loop earlier."""
+        num_loops = self.config.mean_recurrence if num_loops is None else num_loops
+        if num_loops < 1:
+            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
+        if exit_criterion != "none" and not use_cache:
+            raise ValueError("adaptive exit needs use_cache=True")
+        if cache not in ("full", "last"):
+            raise ValueError(f"cache must be 'full' or 'last', got {cache!r}")
+        kv, used = None, []
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self(idx[:, -self.config.block_size:], num_loops=num_loops)[0][:, -1]
+            elif kv is None or idx.size(1) > self.config.block_size:
+                # (re)fill the cache with the whole context; past block_size this recomputes every token
+                kv = self.new_cache(num_loops, cache)
+                logits, _ = self.forward_cached(idx[:, -self.config.block_size:], kv, num_loops)
+            else:
+                logits, steps = self.forward_cached(idx[:, -1:], kv, num_loops, exit_criterion, exit_threshold)
+                used.append(steps)
+            if temperature == 0:
+                idx_next = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        if not return_stats:
+            return idx
+        stats = {"mean_steps": torch.stack(used).float().mean().item() if used else float(num_loops),
+                 "cache_bytes": self.cache_nbytes(kv) if kv is not None else 0}
+        return idx, stats

@@ -1,0 +1,296 @@
+"""Tests of model.py (CPU, tiny shapes).   python -m pytest -q test_model.py"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, Block
+
+INJECTIONS = ["add", "concat", "diagonal"]
+
+
+def tiny(injection="diagonal", **kw):
+    args = dict(block_size=32, vocab_size=64, n_embd=32, n_head=4, n_kv_head=2, n_prelude=1, n_core=2,
+                n_coda=1, injection=injection, mean_recurrence=4, backprop_depth=2)
+    args.update(kw)
+    return GPTConfig(**args)
+
+
+def randomized(cfg, seed=0, dtype=torch.float32):
+    """A model whose zero-initialised output projections are made random, so every block does work."""
+    torch.manual_seed(seed)
+    model = GPT(cfg).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn.o.weight", "mlp.down.weight")):
+                p.normal_(0, 0.1)
+            elif p.dim() == 2 and name not in ("B.weight",):
+                p.normal_(0, 0.3 if name != "wte.weight" else 1.0)
+    return model
+
+
+# 1. parameter counts of SPEC 7 ---------------------------------------------------------------
+def closed_form_params(d, n_head, n_kv, layers, injection, prelude_norm, V=50304):
+    kv_dim = d // n_head * n_kv
+    block = d * d + 2 * d * kv_dim + d * d + 8 * d * d + 2 * d  # q, k, v, o, up, down, two norms
+    extra = {"add": 0, "concat": 2 * d * d, "diagonal": 2 * d * d + 2 * d}[injection]
+    return V * d + layers * block + d + (d if prelude_norm else 0) + extra
+
+
+@pytest.mark.parametrize("shape,table", [
+    (dict(n_embd=1024, n_head=16, n_kv_head=8, n_prelude=4, n_core=1, n_coda=2, mean_recurrence=6, backprop_depth=3),
+     {"add": 132.3, "diagonal": 134.4, "concat": 134.4}),
+    (dict(n_embd=1280, n_head=10, n_kv_head=10, n_prelude=5, n_core=5, n_coda=5, mean_recurrence=8, backprop_depth=4),
+     {"add": 359.3, "diagonal": 362.6, "concat": 362.6}),
+])
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_param_counts_match_spec_table(shape, table, injection):
+    cfg = GPTConfig(block_size=1024, vocab_size=50304, injection=injection, prelude_norm=injection != "add", **shape)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    n = model.get_num_params()
+    layers = shape["n_prelude"] + shape["n_core"] + shape["n_coda"]
+    assert n == closed_form_params(shape["n_embd"], shape["n_head"], shape["n_kv_head"], layers, injection,
+                                   cfg.prelude_norm)
+    assert round(n / 1e6, 1) == table[injection]
+    assert model.wte.weight.data_ptr() == model.wte.weight.data_ptr()  # tied head: counted once above
+
+
+# 2. causality ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("training", [True, False])
+def test_causality(injection, training):
+    model = randomized(tiny(injection), dtype=torch.float64).train(training)
+    idx = torch.randint(0, 64, (3, 20))
+    for t in (0, 7, 19):
+        idx2 = idx.clone()
+        idx2[:, t] = (idx2[:, t] + 1) % 64
+        torch.manual_seed(1)  # same sampled depths and h0 for both runs
+        a, _ = model(idx, idx)
+        torch.manual_seed(1)
+        b, _ = model(idx2, idx2)
+        assert torch.allclose(a[:, :t], b[:, :t], atol=1e-12, rtol=0)
+        assert not torch.allclose(a[:, t], b[:, t])  # the changed token itself does matter
+
+
+# 3. fixed depth 1 is a plain stack ---------------------------------------------------------------
+def test_fixed_depth_equals_plain_stack():
+    cfg = tiny("add", mean_recurrence=1, backprop_depth=1, depth_sampling="fixed", state_init="zero",
+               prelude_norm=False)
+    model = randomized(cfg, dtype=torch.float64)
+    idx = torch.randint(0, 64, (2, 16))
+    cos, sin = model.cos[:16], model.sin[:16]
+    x = model.wte(idx)
+    for block in list(model.prelude) + list(model.core) + list(model.coda):
+        x = block(x, cos, sin)
+    ref = model.ln_f(x) @ model.wte.weight.T
+    for training in (True, False):
+        logits, _ = model.train(training)(idx, idx)
+        assert torch.allclose(logits, ref, atol=1e-12)
+
+
+# 4. truncated backprop, per sequence ---------------------------------------------------------------
+def grads(model):
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_per_sequence_truncated_backprop(injection):
+    model = randomized(tiny(injection, mean_recurrence=4, backprop_depth=2), dtype=torch.float64).train()
+    B, T = 4, 12
+    idx = torch.randint(0, 64, (B, T))
+    h0 = torch.randn(B, T, 32, dtype=torch.float64) * 0.1
+    depths = torch.tensor([1, 2, 5, 7])  # (n, k) = (0,1) (0,2) (3,2) (5,2)
+    model.zero_grad()
+    _, loss = model(idx, idx, num_loops=depths, h0=h0)
+    (loss * B).backward()  # mean over the batch -> sum of per-sequence means
+    batch = grads(model)
+    n, k = model.last_depths
+    assert n.tolist() == [0, 0, 3, 5] and k.tolist() == [1, 2, 2, 2]
+    total = {name: torch.zeros_like(g) for name, g in batch.items()}
+    for i in range(B):
+        model.zero_grad()
+        _, loss_i = model(idx[i:i + 1], idx[i:i + 1], num_loops=int(depths[i]), h0=h0[i:i + 1])
+        loss_i.backward()
+        single = grads(model)
+        assert single["prelude.0.attn.q.weight"].abs().sum() > 0  # the prelude learns from every sequence
+        for name in total:
+            total[name] += single[name]
+    for name in total:
+        assert torch.allclose(batch[name], total[name], atol=1e-10, rtol=1e-7), name
+
+
+def test_no_grad_steps_build_no_graph():
+    model = randomized(tiny("diagonal", backprop_depth=2)).train()
+    idx = torch.randint(0, 64, (2, 8))
+    counts = []
+    for T in (2, 9):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            model(idx, idx, num_loops=T)
+        counts.append(len(saved))
+    assert counts[0] == counts[1] > 0  # 7 extra no-grad steps save nothing for backward
+
+
+# 5. depth sampler ----------------------------------------------------------------------------
+def test_sequence_sampler_mean_and_grad_steps():
+    model = GPT(tiny("diagonal", mean_recurrence=6, backprop_depth=3)).train()
+    torch.manual_seed(0)
+    T = torch.cat([model.sample_depths(32) for _ in range(1000)]).double()
+    assert abs(T.mean().item() - 6) < 0.05  # E[max(Poisson(6), 1)] = 6 + e^-6
+    assert T.std() > 2 and T.min() >= 1
+    n, k = model._depths(32, None)
+    assert (k >= 1).all() and (n + k >= 1).all() and (k <= 3).all()
+
+
+def test_batch_sampler_is_one_draw_lognormal_poisson():
+    model = GPT(tiny("concat", mean_recurrence=6, depth_sampling="batch")).train()
+    torch.manual_seed(0)
+    draws = [model.sample_depths(8) for _ in range(20000)]
+    assert all((d == d[0]).all() for d in draws)  # one depth for the whole batch
+    mean = torch.stack([d[0] for d in draws]).double().mean().item()
+    assert abs(mean - 7) < 0.15  # Poisson(e^tau) + 1 with E[e^tau] = mu_rec: mean mu_rec + 1
+
+
+def test_eval_mode_never_samples():
+    model = GPT(tiny("diagonal", mean_recurrence=5)).eval()
+    idx = torch.arange(16).view(2, 8)
+    state = torch.get_rng_state()
+    a, _ = model(idx)
+    for _ in range(3):
+        b, _ = model(idx)
+        assert model.last_depths[0].tolist() == [3, 3] and model.last_depths[1].tolist() == [2, 2]
+    assert torch.equal(torch.get_rng_state(), state)  # no draw at all: neither depth nor h0
+    assert torch.equal(a, b)
+    model.train()
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(20):
+        model(idx)
+        seen.add(tuple((model.last_depths[0] + model.last_depths[1]).tolist()))
+    assert len(seen) > 1  # while training mode does sample
+
+
+# 6. Parcae stability ---------------------------------------------------------------------------
+def test_diagonal_stable_by_construction():
+    model = GPT(tiny("diagonal"))
+    assert torch.equal(model.B.weight, torch.eye(32))
+    dt = F.softplus(model.dt_bias)
+    assert torch.allclose(dt, torch.full_like(dt, 0.8047), atol=1e-4)
+    assert abs(model.loop_stats()["rho"] - 0.4472) < 1e-4
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(200):
+            model.A_log.uniform_(-5, 5)
+            model.dt_bias.uniform_(-5, 5)
+            stats = model.loop_stats()
+            assert 0 < stats["mean_decay"] <= stats["rho"] < 1
+        model.A_log.fill_(-5), model.dt_bias.fill_(-5)  # the slowest corner of the box
+        assert model.loop_stats()["rho"] < 1
+
+
+def test_loop_stats_add_and_concat():
+    assert GPT(tiny("add")).loop_stats()["rho"] == 1.0
+    model = GPT(tiny("concat"))
+    with torch.no_grad():
+        model.W.weight[:, :32] = 2 * torch.eye(32)
+    stats = model.loop_stats()
+    assert abs(stats["rho"] - 2) < 1e-5 and abs(stats["sigma_max"] - 2) < 1e-5
+
+
+# 7. KV cache -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("num_loops", [1, 4])
+def test_kv_cache_greedy_matches_recompute(injection, num_loops):
+    model = randomized(tiny(injection, block_size=24)).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    a = model.generate(prompt, 12, temperature=0, num_loops=num_loops, use_cache=True)
+    b = model.generate(prompt, 12, temperature=0, num_loops=num_loops, use_cache=False)
+    assert torch.equal(a, b)
+    c = model.generate(prompt, 25, temperature=0, num_loops=num_loops)  # runs past block_size
+    d = model.generate(prompt, 25, temperature=0, num_loops=num_loops, use_cache=False)
+    assert torch.equal(c, d)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_last_step_cache_equals_full_at_one_loop(injection):
+    model = randomized(tiny(injection)).eval()
+    prompt = torch.randint(0, 64, (2, 4))
+    a, sa = model.generate(prompt, 10, temperature=0, num_loops=1, return_stats=True)
+    b, sb = model.generate(prompt, 10, temperature=0, num_loops=1, cache="last", return_stats=True)
+    assert torch.equal(a, b) and sa["cache_bytes"] == sb["cache_bytes"]
+    _, s4 = model.generate(prompt, 10, temperature=0, num_loops=4, return_stats=True)
+    _, l4 = model.generate(prompt, 10, temperature=0, num_loops=4, cache="last", return_stats=True)
+    assert s4["cache_bytes"] > l4["cache_bytes"] == sa["cache_bytes"]
+
+
+# adaptive exit -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("criterion", ["kl", "latent"])
+@pytest.mark.parametrize("cache", ["full", "last"])
+def test_adaptive_exit_extremes(criterion, cache):
+    model = randomized(tiny("diagonal")).eval()
+    prompt = torch.randint(0, 64, (2, 4))
+    ref = model.generate(prompt, 8, temperature=0, num_loops=5, cache=cache)
+    out, stats = model.generate(prompt, 8, temperature=0, num_loops=5, cache=cache, exit_criterion=criterion,
+                                exit_threshold=0.0, return_stats=True)
+    assert torch.equal(out, ref) and stats["mean_steps"] == 5
+    _, stats = model.generate(prompt, 8, temperature=0, num_loops=5, cache=cache, exit_criterion=criterion,
+                              exit_threshold=1e9, return_stats=True)
+    assert stats["mean_steps"] == 1
+
+
+def test_adaptive_exit_counts_steps_and_fills_cache():
+    # Zero-init blocks are the identity, so with add injection and h0 = 0 the state is h_r = r e and the
+    # latent criterion |h_r - h_{r-1}| / |h_r| = 1/r: threshold 0.3 exits after exactly 4 steps.
+    model = GPT(tiny("add", prelude_norm=False, state_init="zero")).eval()
+    prompt = torch.randint(0, 64, (1, 3))
+    _, stats = model.generate(prompt, 6, temperature=0, num_loops=8, exit_criterion="latent",
+                              exit_threshold=0.3, return_stats=True)
+    assert stats["mean_steps"] == 4
+    cache = model.new_cache(8)
+    model.forward_cached(prompt, cache, 8)
+    _, steps = model.forward_cached(prompt[:, -1:], cache, 8, "latent", 0.21)
+    assert steps.tolist() == [5]
+    for step in cache["core"]:
+        for c in step:
+            assert len(c) == 4  # every loop step's cache holds the new token
+    for later in cache["core"][5:]:
+        assert torch.equal(later[0].k[:, :, -1], cache["core"][4][0].k[:, :, -1])  # its latest real entry
+
+
+# 8. each injection can overfit one batch -------------------------------------------------------------
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_overfits_single_batch(injection):
+    torch.manual_seed(0)
+    model = GPT(tiny(injection)).train()
+    idx = torch.randint(0, 64, (4, 16))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(200):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0]
+
+
+# 9. bad input ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw,field", [
+    (dict(injection="mul"), "injection"), (dict(n_kv_head=3), "n_head"), (dict(n_head=5), "n_embd"),
+    (dict(mean_recurrence=0), "mean_recurrence"), (dict(backprop_depth=0), "backprop_depth"),
+    (dict(depth_sampling="token"), "depth_sampling"), (dict(state_init="ones"), "state_init"),
+    (dict(n_core=0), "n_core"), (dict(n_prelude=-1), "n_prelude"), (dict(mean_recurrence=2.5), "mean_recurrence"),
+])
+def test_invalid_config_raises(kw, field):
+    with pytest.raises(ValueError, match=field):
+        tiny(**kw)
+
+
+def test_too_long_sequence_raises():
+    model = GPT(tiny())
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_loops"):
+        model(torch.zeros(1, 8, dtype=torch.long), num_loops=0)
