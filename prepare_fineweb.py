@@ -1,0 +1,289 @@
+"""
+Prepare GPT-2 token shards for nanoloop.
+
+Download FineWeb 10B, already tokenized (kjj0/fineweb10B-gpt2 on Hugging Face):
+    python prepare_fineweb.py                    # val + first 9 train shards (900M train tokens)
+    python prepare_fineweb.py --num_chunks 103   # the full 10B tokens
+Interrupted downloads resume where they stopped; finished files are skipped.
+
+Tokenize your own UTF-8 text (one document per file, .jsonl: one {"text": ...} per line):
+    python prepare_fineweb.py --text a.txt b.jsonl --name mydata   # -> data/mydata/
+
+Offline sample built from the Python docs that ship with Python (seconds; the only thing
+it may fetch is tiktoken's GPT-2 BPE file, once, unless TIKTOKEN_CACHE_DIR has it):
+    python prepare_fineweb.py --sample           # -> data/sample/
+
+Shard format: 1024-byte header of 256 little-endian int32 (magic 20240520, version 1,
+token count), then the uint16 tokens. Every document starts with <|endoftext|> (50256).
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import requests
+import tiktoken
+from tqdm import tqdm
+
+MAGIC = 20240520
+VERSION = 1
+HEADER_BYTES = 256 * 4
+EOT = 50256  # <|endoftext|> in the GPT-2 vocabulary
+SHARD_SIZE = 10**8  # tokens per shard, same as the FineWeb shards
+BASE_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main"
+
+# -----------------------------------------------------------------------------
+# shard files
+
+def check_header(header, path, file_size):
+    """Validate a shard header (bytes) against the file's size; return the token count."""
+    if file_size < HEADER_BYTES or len(header) < HEADER_BYTES:
+        raise ValueError(f"{path}: file shorter than header ({file_size} < {HEADER_BYTES} bytes)")
+    magic, version, count = np.frombuffer(header[:HEADER_BYTES], dtype="<i4")[:3].tolist()
+    if magic != MAGIC:
+        raise ValueError(f"{path}: bad magic {magic} (expected {MAGIC}), not a token shard")
+    if version != VERSION:
+        raise ValueError(f"{path}: unsupported version {version} (expected {VERSION})")
+    present = (file_size - HEADER_BYTES) // 2
+    if count < 0 or file_size < HEADER_BYTES + 2 * count:
+        raise ValueError(f"{path}: truncated: {count} tokens claimed but {present} present")
+    if file_size > HEADER_BYTES + 2 * count:
+        raise ValueError(f"{path}: trailing data: {count} tokens claimed but file is {file_size} bytes")
+    return count
+
+def check_shard(path):
+    """Check a shard file on disk (header and size) and return its token count."""
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    return check_header(header, path, os.path.getsize(path))
+
+def write_shard(path, tokens):
+    """Write header + uint16 tokens. Atomic, so a crash never leaves a half shard behind."""
+    tokens = np.asarray(tokens)
+    assert tokens.ndim == 1, "tokens must be a 1-D array"
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError(f"{path}: token values must be in [0, 65536) to fit in uint16")
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = MAGIC, VERSION, len(tokens)
+    tmp = str(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+def open_shard(path):
+    """Check a shard and memory-map its tokens (no copy: shards are 200MB each)."""
+    count = check_shard(path)
+    if count == 0:  # mmap refuses zero-length maps
+        return np.zeros(0, dtype=np.uint16)
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
+
+# -----------------------------------------------------------------------------
+# downloading the FineWeb shards
+
+class RetryableError(Exception):
+    pass
+
+# errors worth another try: the network or the server may be fine a moment later
+TRANSIENT = (RetryableError, requests.ConnectionError, requests.Timeout,
+             requests.exceptions.ChunkedEncodingError)
+
+def fineweb_names(num_chunks):
+    if not 0 <= num_chunks <= 103:
+        raise ValueError(f"--num_chunks must be between 0 and 103, got {num_chunks}")
+    return ["fineweb_val_000000.bin"] + [f"fineweb_train_{i:06d}.bin" for i in range(1, num_chunks + 1)]
+
+def fetch_once(url, part, timeout, chunk_size):
+    """One HTTP request, appending to `part` from where it stopped last time."""
+    name = os.path.basename(part)[:-len(".part")]
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code == 416 and have:
+            return  # nothing past what we have: .part is probably complete, the check decides
+        if r.status_code == 404:
+            raise RuntimeError(f"{name}: not found (HTTP 404) at {url}")
+        if r.status_code == 429 or r.status_code >= 500:
+            raise RetryableError(f"HTTP {r.status_code}")
+        if r.status_code >= 400:
+            raise RuntimeError(f"{name}: HTTP {r.status_code} at {url}")
+        if have and r.status_code == 206:
+            if not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                os.remove(part)  # server sent some other range: start over rather than guess
+                raise RetryableError(f"unexpected Content-Range {r.headers.get('Content-Range')!r}")
+        elif have:
+            have = 0  # server ignored the Range header and sends the whole file: start over
+        expected = int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        got = 0
+        with open(part, "ab" if have else "wb") as f, \
+             tqdm(desc=name, total=expected and have + expected, initial=have,
+                  unit="B", unit_scale=True, unit_divisor=1024) as bar:
+            for chunk in r.iter_content(chunk_size):
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+        if expected is not None and got < expected:
+            raise RetryableError(f"connection closed after {got} of {expected} bytes")
+
+def fetch(url, path, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20):
+    """Download url to path via path.part, resuming and retrying; rename only a valid shard."""
+    name, part = os.path.basename(path), path + ".part"
+    for attempt in range(retries):
+        try:
+            fetch_once(url, part, timeout, chunk_size)
+            break
+        except TRANSIENT as e:
+            if attempt == retries - 1:
+                raise RuntimeError(f"{name}: download failed after {retries} tries: {e}") from None
+            delay = backoff * 2**attempt
+            print(f"{name}: {e}; retrying in {delay:.1f}s", file=sys.stderr)
+            time.sleep(delay)
+    try:
+        check_shard(part)
+    except ValueError as e:
+        os.remove(part)  # a corrupt file must not be resumed from or renamed into place
+        raise ValueError(f"{name}: downloaded file is not a valid shard, removed it ({e})") from None
+    os.replace(part, path)
+
+def download(names, data_dir, base_url=BASE_URL, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20):
+    """Fetch each file in `names` from base_url into data_dir, skipping ones already complete."""
+    os.makedirs(data_dir, exist_ok=True)
+    for name in names:
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            try:
+                check_shard(path)
+                print(f"{name}: already complete, skipping")
+                continue
+            except ValueError as e:
+                print(f"{e}; downloading it again", file=sys.stderr)
+                os.remove(path)
+        fetch(f"{base_url.rstrip('/')}/{name}", path, retries, backoff, timeout, chunk_size)
+
+# -----------------------------------------------------------------------------
+# tokenizing local text
+
+def read_documents(paths):
+    """One document per text file; .jsonl files hold one document per line in a 'text' field."""
+    docs = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{p}: no such text file")
+        try:
+            # newline="" keeps the text byte-exact (no \r\n -> \n translation)
+            with open(p, encoding="utf-8", newline="") as f:
+                if not p.endswith(".jsonl"):
+                    docs.append(f.read())
+                    continue
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        docs.append(json.loads(line)["text"])
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{p}:{i}: expected a JSON object with a 'text' field") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not valid UTF-8 ({e})") from None
+    return docs
+
+def gpt2_encoding():
+    # tiktoken's "r50k_base" is the GPT-2 BPE (same ranks, regex and <|endoftext|>) stored as
+    # one file instead of "gpt2"'s two, so one cached file is enough to work offline
+    return tiktoken.get_encoding("r50k_base")
+
+def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
+    """Pack token arrays into shards of at most shard_size tokens; return [(path, count)]."""
+    written, buf, n = [], [], 0
+    def flush(tokens):
+        path = os.path.join(out_dir, f"{prefix}_{first_index + len(written):06d}.bin")
+        write_shard(path, tokens)
+        written.append((path, len(tokens)))
+    for toks in token_arrays:
+        buf.append(toks)
+        n += len(toks)
+        while n >= shard_size:  # documents may straddle shards, like in FineWeb
+            flat = np.concatenate(buf)
+            flush(flat[:shard_size])
+            buf, n = [flat[shard_size:]], n - shard_size
+    if n:
+        flush(np.concatenate(buf))
+    # drop shards left over from an earlier, bigger run so they don't get mixed in
+    for old in glob.glob(os.path.join(out_dir, f"{prefix}_*.bin")):
+        if old not in {p for p, _ in written}:
+            os.remove(old)
+    return written
+
+def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=None, shard_size=SHARD_SIZE):
+    """GPT-2 tokenize docs into NAME_val_000000.bin (first docs) and NAME_train_000001.bin ..."""
+    if len(docs) < 2:
+        raise ValueError(f"need at least 2 documents (one for val, one for train), got {len(docs)}")
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be positive, got {shard_size}")
+    n_val = val_docs if val_docs is not None else round(len(docs) * val_fraction)
+    n_val = min(max(n_val, 1), len(docs) - 1)  # both splits get at least one document
+    enc = gpt2_encoding()
+    os.makedirs(out_dir, exist_ok=True)
+    bar = tqdm(total=len(docs), desc=f"tokenizing {name}", unit="doc")
+    def tokens(ds):
+        for d in ds:
+            # encode_ordinary: a literal "<|endoftext|>" in the text stays plain text
+            yield np.array([EOT] + enc.encode_ordinary(d), dtype=np.uint16)
+            bar.update(1)
+    splits = {"val": write_shards(tokens(docs[:n_val]), out_dir, f"{name}_val", 0, shard_size),
+              "train": write_shards(tokens(docs[n_val:]), out_dir, f"{name}_train", 1, shard_size)}
+    bar.close()
+    for split, shards in splits.items():
+        for path, count in shards:
+            print(f"{path}: {count:,} tokens")
+        docs_in = n_val if split == "val" else len(docs) - n_val
+        print(f"{split}: {docs_in} documents, {sum(c for _, c in shards):,} tokens")
+    return splits
+
+def tokenize_files(paths, out_dir, name="text", **kwargs):
+    return tokenize_documents(read_documents(paths), out_dir, name, **kwargs)
+
+def sample_documents():
+    """The pydoc topics that ship with Python: offline, deterministic, ~100k tokens."""
+    from pydoc_data.topics import topics
+    return [topics[k] for k in sorted(topics)]
+
+def build_sample(out_dir="data/sample"):
+    return tokenize_documents(sample_documents(), out_dir, "sample")
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--text", nargs="+", metavar="FILE", help="tokenize these local text/.jsonl files")
+    mode.add_argument("--sample", action="store_true", help="build the offline sample in data/sample")
+    p.add_argument("--data_dir", "--out_dir", dest="data_dir", default=None,
+                   help="output dir (default data/fineweb10B, data/NAME or data/sample)")
+    p.add_argument("--num_chunks", type=int, default=9, help="FineWeb train shards to get, 100M tokens each")
+    p.add_argument("--base_url", default=BASE_URL, help="where the FineWeb shards live")
+    p.add_argument("--retries", type=int, default=5, help="tries per file on network errors")
+    p.add_argument("--name", default="text", help="file prefix for --text shards")
+    p.add_argument("--val_fraction", type=float, default=0.1, help="--text: fraction of documents for val")
+    p.add_argument("--val_docs", type=int, default=None, help="--text: number of val documents (overrides)")
+    p.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="--text: max tokens per shard")
+    args = p.parse_args(argv)
+    try:
+        if args.sample:
+            build_sample(args.data_dir or "data/sample")
+        elif args.text:
+            tokenize_files(args.text, args.data_dir or os.path.join("data", args.name), args.name,
+                           val_fraction=args.val_fraction, val_docs=args.val_docs, shard_size=args.shard_size)
+        else:
+            download(fineweb_names(args.num_chunks), args.data_dir or "data/fineweb10B",
+                     args.base_url, retries=args.retries)
+    except (OSError, ValueError, RuntimeError) as e:
+        sys.exit(f"error: {e}")  # user errors get one line, not a traceback
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,282 @@
+"""
+Tests for prepare_fineweb.py. CPU only, no internet (downloads hit a local http.server).
+    python -m pytest -q test_prepare.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+# the GPT-2 BPE file is cached here on the dev machines; elsewhere tiktoken fetches it once
+_CACHE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "tiktoken_cache")
+if os.path.isdir(_CACHE):  # the GPT-2 BPE file, for machines without network
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", _CACHE)
+
+import prepare_fineweb as pf
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def shard_bytes(tokens, magic=pf.MAGIC, version=pf.VERSION, count=None):
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    return header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes()
+
+# -----------------------------------------------------------------------------
+# shard format
+
+def test_shard_round_trip(tmp_path):
+    path = str(tmp_path / "good.bin")
+    tokens = np.array([pf.EOT, 0, 1, 65535, 50000], dtype=np.int64)
+    pf.write_shard(path, tokens)
+    assert os.path.getsize(path) == 1024 + 2 * len(tokens)
+    assert not os.path.exists(path + ".tmp")
+    got = pf.open_shard(path)
+    assert isinstance(got, np.memmap) and got.dtype == np.uint16
+    assert got.tolist() == tokens.tolist()
+
+def test_write_shard_rejects_too_big_tokens(tmp_path):
+    with pytest.raises(ValueError):
+        pf.write_shard(str(tmp_path / "x.bin"), [1, 70000])
+
+@pytest.mark.parametrize("data, why", [
+    (shard_bytes([1, 2, 3], magic=12345), "bad magic"),
+    (shard_bytes([1, 2, 3], version=2), "unsupported version"),
+    (shard_bytes([1, 2, 3], count=10), "10 tokens claimed but 3 present"),
+    (shard_bytes([1, 2, 3])[:500], "shorter than header"),
+    (shard_bytes([1, 2, 3]) + b"\0\0", "trailing data"),
+])
+def test_open_shard_rejects_bad_files(tmp_path, data, why):
+    path = tmp_path / "broken_shard.bin"
+    path.write_bytes(data)
+    with pytest.raises(ValueError) as e:
+        pf.open_shard(str(path))
+    assert "broken_shard.bin" in str(e.value) and why in str(e.value)
+
+# -----------------------------------------------------------------------------
+# --text
+
+DOCS = [
+    "Hello world.\nThis is the first document.\n",
+    "Second one, with unicode: héllo wörld ✓ and a literal <|endoftext|> inside.",
+    "Third\r\ndocument with CRLF line endings\r\n",
+    "from jsonl line one",
+    "from jsonl line two\nwith a newline",
+]
+
+def write_text_files(tmp_path):
+    paths = []
+    for i, doc in enumerate(DOCS[:3]):
+        p = tmp_path / f"doc{i}.txt"
+        p.write_bytes(doc.encode("utf-8"))
+        paths.append(str(p))
+    p = tmp_path / "more.jsonl"
+    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS[3:]) + "\n", encoding="utf-8")
+    paths.append(str(p))
+    return paths
+
+def decode_docs(out_dir, name):
+    """Read val then train shards back and split on <|endoftext|>."""
+    enc = pf.gpt2_encoding()
+    def split(paths):
+        tokens = np.concatenate([pf.open_shard(p) for p in sorted(paths)]).tolist()
+        assert tokens[0] == pf.EOT  # every document starts with <|endoftext|>
+        docs, cur = [], None
+        for t in tokens:
+            if t == pf.EOT:
+                if cur is not None:
+                    docs.append(enc.decode(cur))
+                cur = []
+            else:
+                cur.append(t)
+        return docs + [enc.decode(cur)]
+    files = sorted(os.listdir(out_dir))
+    val = [os.path.join(out_dir, f) for f in files if f.startswith(f"{name}_val_")]
+    train = [os.path.join(out_dir, f) for f in files if f.startswith(f"{name}_train_")]
+    return split(val), split(train), files
+
+def test_text_round_trip(tmp_path):
+    out = str(tmp_path / "out")
+    pf.tokenize_files(write_text_files(tmp_path), out, "mine", val_docs=1, shard_size=20)
+    val, train, files = decode_docs(out, "mine")
+    assert val == DOCS[:1] and train == DOCS[1:]
+    assert "mine_val_000000.bin" in files and "mine_train_000001.bin" in files
+    assert "mine_train_000002.bin" in files  # shard_size=20 forces several train shards
+    assert all(len(pf.open_shard(os.path.join(out, f))) <= 20 for f in files)
+    # a rerun with bigger shards leaves no stale shards from the first run behind
+    pf.tokenize_documents(pf.read_documents(write_text_files(tmp_path)), out, "mine", val_docs=1)
+    val, train, files = decode_docs(out, "mine")
+    assert val == DOCS[:1] and train == DOCS[1:]
+    assert files == ["mine_train_000001.bin", "mine_val_000000.bin"]
+
+def test_text_cli_round_trip(tmp_path):
+    out = str(tmp_path / "out")
+    cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"),
+           "--text", *write_text_files(tmp_path), "--out_dir", out, "--name", "cli", "--val_fraction", "0.4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    val, train, files = decode_docs(out, "cli")
+    assert val == DOCS[:2] and train == DOCS[2:]
+    assert files == ["cli_train_000001.bin", "cli_val_000000.bin"]
+
+def test_text_cli_missing_file_is_one_line_error(tmp_path):
+    cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--text", "nope.txt", "--out_dir", "o"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.strip() == "error: nope.txt: no such text file"
+
+# -----------------------------------------------------------------------------
+# downloads, against a local server
+
+class Handler(BaseHTTPRequestHandler):
+    files = {}      # name -> bytes served
+    cut = set()     # names whose next transfer is cut in the middle
+    ignore_range = False
+    fail_first = 0  # answer this many requests with 503 first
+    log = []        # (name, Range header, size of the .part at that moment)
+    part_dir = None
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        part = os.path.join(self.part_dir, name + ".part") if self.part_dir else ""
+        rng = self.headers.get("Range")
+        Handler.log.append((name, rng, os.path.getsize(part) if os.path.exists(part) else None))
+        if Handler.fail_first > 0:
+            Handler.fail_first -= 1
+            return self.send_error(503)
+        if name not in self.files:
+            return self.send_error(404)
+        data, start = self.files[name], 0
+        if rng and not self.ignore_range:
+            start = int(rng.removeprefix("bytes=").split("-")[0])
+            if start >= len(data):
+                return self.send_error(416)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if name in self.cut:
+            # promise the whole file, send half, hang up
+            Handler.cut.discard(name)
+            self.wfile.write(data[start:len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(data[start:])
+
+    def log_message(self, *args):
+        pass
+
+@pytest.fixture
+def server(tmp_path):
+    good = shard_bytes(np.arange(5000) % 50257)
+    Handler.files = {"good_000000.bin": good, "good_000001.bin": shard_bytes([pf.EOT, 7, 8, 9]),
+                     "corrupt_000000.bin": b"<html>oops</html>" + good[17:]}
+    Handler.cut, Handler.ignore_range, Handler.fail_first, Handler.log = set(), False, 0, []
+    Handler.part_dir = str(tmp_path / "data")
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/files", Handler.part_dir
+    httpd.shutdown()
+    httpd.server_close()
+
+def fast(**kw):
+    return dict(retries=3, backoff=0.001, timeout=5, chunk_size=1024, **kw)
+
+def test_download_resumes_after_cut(server):
+    url, data_dir = server
+    Handler.cut = {"good_000000.bin"}
+    pf.download(["good_000000.bin"], data_dir, url, **fast())
+    path = os.path.join(data_dir, "good_000000.bin")
+    assert open(path, "rb").read() == Handler.files["good_000000.bin"]
+    assert not os.path.exists(path + ".part")
+    (_, r1, _), (_, r2, part_size) = Handler.log
+    assert r1 is None and part_size > 0 and r2 == f"bytes={part_size}-"
+
+def test_download_restarts_when_server_ignores_range(server):
+    url, data_dir = server
+    Handler.ignore_range = True
+    os.makedirs(data_dir)
+    good = Handler.files["good_000000.bin"]
+    path = os.path.join(data_dir, "good_000000.bin")
+    with open(path + ".part", "wb") as f:
+        f.write(good[:3000])  # left over from an earlier, interrupted run
+    pf.download(["good_000000.bin"], data_dir, url, **fast())
+    assert Handler.log[0][1] == "bytes=3000-"
+    assert open(path, "rb").read() == good
+
+def test_download_retries_server_errors(server):
+    url, data_dir = server
+    Handler.fail_first = 2
+    pf.download(["good_000001.bin"], data_dir, url, **fast())
+    assert len(Handler.log) == 3
+    assert pf.open_shard(os.path.join(data_dir, "good_000001.bin")).tolist() == [pf.EOT, 7, 8, 9]
+    Handler.fail_first, Handler.log = 10, []
+    with pytest.raises(RuntimeError, match="good_000000.bin: download failed after 3 tries"):
+        pf.download(["good_000000.bin"], data_dir, url, **fast())
+    assert len(Handler.log) == 3
+
+def test_complete_files_are_skipped(server):
+    url, data_dir = server
+    names = ["good_000000.bin", "good_000001.bin"]
+    pf.download(names, data_dir, url, **fast())
+    assert len(Handler.log) == 2
+    pf.download(names, data_dir, url, **fast())
+    assert len(Handler.log) == 2  # no new requests
+
+def test_broken_final_file_is_downloaded_again(server):
+    url, data_dir = server
+    os.makedirs(data_dir)
+    path = os.path.join(data_dir, "good_000000.bin")
+    with open(path, "wb") as f:
+        f.write(Handler.files["good_000000.bin"][:2000])  # e.g. copied by hand and cut short
+    pf.download(["good_000000.bin"], data_dir, url, **fast())
+    assert len(Handler.log) == 1
+    assert open(path, "rb").read() == Handler.files["good_000000.bin"]
+
+def test_corrupt_download_is_not_renamed_into_place(server):
+    url, data_dir = server
+    with pytest.raises(ValueError, match="corrupt_000000.bin.*bad magic"):
+        pf.download(["corrupt_000000.bin"], data_dir, url, **fast())
+    assert not os.path.exists(os.path.join(data_dir, "corrupt_000000.bin"))
+
+def test_404_names_the_file(server):
+    url, data_dir = server
+    with pytest.raises(RuntimeError, match="missing_000000.bin: not found"):
+        pf.download(["good_000001.bin", "missing_000000.bin"], data_dir, url, **fast())
+    assert len(Handler.log) == 2  # a 404 is not retried
+    assert not os.path.exists(os.path.join(data_dir, "missing_000000.bin"))
+
+def test_download_cli_404_is_one_line_error(server, tmp_path):
+    url, data_dir = server
+    cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--num_chunks", "1",
+           "--base_url", url, "--data_dir", data_dir]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("error: fineweb_val_000000.bin: not found (HTTP 404)")
+    assert "Traceback" not in r.stderr
+
+def test_fineweb_names():
+    names = pf.fineweb_names(2)
+    assert names == ["fineweb_val_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert pf.fineweb_names(103)[-1] == "fineweb_train_000103.bin"
+
+# -----------------------------------------------------------------------------
+# --sample
+
+def test_sample(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--sample"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    train = pf.open_shard(str(tmp_path / "data/sample/sample_train_000001.bin"))
+    val = pf.open_shard(str(tmp_path / "data/sample/sample_val_000000.bin"))
+    assert len(train) > 50_000 and len(val) > 1000
+    assert train[0] == pf.EOT and val[0] == pf.EOT
+    assert int(train.max()) < 50257
