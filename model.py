@@ -303,6 +303,33 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    # --- cost and optimizers ----------------------------------------------------------------
+    def estimate_flops(self, seq_len, n, k, backward=True):
+        """Matmul FLOPs of one forward (+ backward) where sequence i runs n[i] loop steps without and
+        k[i] with gradient (backward costs 2x forward). Attention is counted at the full T^2, as
+        torch's FlopCounterMode does. Pass the per-sequence depths for useful work, or B copies of
+        their maxima for the work masked execution really does."""
+        cfg, d = self.config, self.config.n_embd
+        kv_dim = cfg.n_kv_head * (d // cfg.n_head)
+        block = 2 * (10 * d * d + 2 * d * kv_dim) + 4 * seq_len * d  # per token: q,o,up,down + k,v + attention
+        inject = {"add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B per step
+        once = (cfg.n_prelude + cfg.n_coda) * block + 2 * d * cfg.vocab_size + (inject if cfg.injection == "diagonal" else 0)
+        f = 3 if backward else 1
+        n, k = torch.as_tensor(n), torch.as_tensor(k)
+        step = cfg.n_core * block + inject
+        return seq_len * (len(n) * f * once + step * (int(n.sum()) + f * int(k.sum())))
+
+    def configure_optimizers(self, muon_lr, adam_lr, weight_decay, adam_betas, adam_eps):
+        """Muon for the matrices inside blocks; AdamW, without weight decay, for the embedding/head,
+        norm gains and every injection parameter (SPEC 5)."""
+        blocks = [*self.prelude, *self.core, *self.coda]
+        matrices = [p for b in blocks for p in b.parameters() if p.dim() == 2]
+        ids = {id(p) for p in matrices}
+        rest = [p for p in self.parameters() if id(p) not in ids]
+        muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True)
+        adamw = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=0.0)
+        return muon, adamw
+
     # --- stability diagnostics (SPEC 3.5) -------------------------------------------------
     @torch.no_grad()
     def loop_stats(self):

@@ -87,6 +87,21 @@ def open_shard(path):
 # -----------------------------------------------------------------------------
 # downloading the FineWeb shards
 
+def read_batch(shards, pos, batch_size, block_size, rank=0, world=1):
+    """The next global micro-batch of world * batch_size sequences, read sequentially from pos =
+    [shard, offset] (advanced in place). Rank r gets the r-th contiguous slice as (x, y) int64 tensors
+    of shape (batch_size, block_size); y is x shifted by one token. A shard too short for what is
+    left moves on to the next one, the last one wraps around to the first."""
+    import torch  # only the training side needs torch
+    n = batch_size * block_size
+    if pos[1] + world * n + 1 > len(shards[pos[0]]):
+        pos[0], pos[1] = (pos[0] + 1) % len(shards), 0
+    start = pos[1] + rank * n
+    buf = torch.from_numpy(shards[pos[0]][start:start + n + 1].astype(np.int64))
+    pos[1] += world * n
+    return buf[:-1].view(batch_size, block_size), buf[1:].view(batch_size, block_size)
+
+
 class RetryableError(Exception):
     pass
 

@@ -1,0 +1,32 @@
+# 135M RDM / Huginn: concat + projection, one log-normal Poisson depth per batch. Unique parameters: 134.4M.
+# torchrun --standalone --nproc_per_node=8 train.py config/rdm_135m.py
+out_dir = "out/rdm_135m"
+data_dir = "data/fineweb10B"
+injection = "concat"
+prelude_norm = False
+depth_sampling = "batch"
+state_init = "random"
+n_embd = 1024
+n_head = 16
+n_kv_head = 8
+n_prelude = 4
+n_core = 1
+n_coda = 2
+mean_recurrence = 6
+backprop_depth = 3
+block_size = 1024
+# 8 GPUs x 16 sequences x 1024 tokens x 2 micro-steps = 262,144 tokens per step (LoopLM-135M's batch)
+batch_size = 16
+total_batch_size = 262144
+max_iters = 10000  # 2.6B tokens: fetch them with `python prepare_fineweb.py --num_chunks 27`
+# Parcae's optimizer for every variant, so the injection is the only difference (SPEC 5):
+# Muon for block matrices, AdamW (no weight decay) for the rest; no warmup, linear decay over the last 50%
+muon_lr = 0.02
+adam_lr = 8e-3
+adam_betas = (0.8, 0.95)
+adam_eps = 1e-10
+weight_decay = 0.0
+warmup_iters = 0
+decay_frac = 0.5
+min_lr_frac = 0.0
+grad_clip = 1.0

@@ -1,0 +1,339 @@
+"""
+Train a looped transformer on GPT-2 token shards.
+
+CPU quick start (a few minutes on a laptop):
+    python prepare_fineweb.py --sample
+    python train.py config/tiny.py
+
+One GPU, or one node of 8:
+    python train.py config/parcae_135m.py
+    torchrun --standalone --nproc_per_node=8 train.py config/parcae_135m.py
+Several nodes: the usual torchrun flags (--nnodes, --node_rank, --rdzv_endpoint ...).
+
+Settings below can be overridden by a config file and then by --key=value:
+    python train.py config/tiny.py --max_iters=100 --injection=concat
+    python train.py config/tiny.py --init_from=resume           # continue from out_dir/ckpt.pt
+    python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
+"""
+import glob
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import configure
+from model import GPT, GPTConfig
+from prepare_fineweb import open_shard, read_batch
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"                  # ckpt.pt and log.jsonl go here
+data_dir = "data/fineweb10B"     # *_train_*.bin and *_val_*.bin shards
+init_from = "scratch"            # "scratch" or "resume" (from out_dir/ckpt.pt)
+eval_interval = 250              # evaluate and checkpoint every this many steps (and at the end)
+log_interval = 10                # print training stats every this many steps
+eval_only = False                # evaluate the checkpoint in out_dir and exit
+eval_loops = ()                  # loop depths to evaluate; () = 1, 2, mu/2, mu, 2 mu
+val_tokens = 10_485_760          # fixed prefix of the val shard(s) used by every evaluation
+# data and batch
+batch_size = 16                  # micro-batch, sequences per device
+block_size = 1024                # sequence length
+total_batch_size = 524288        # tokens per optimizer step; gradient accumulation makes up the rest
+# model (GPTConfig fields)
+vocab_size = 50304
+n_embd = 768
+n_head = 12
+n_kv_head = 12
+n_prelude = 2
+n_core = 2
+n_coda = 2
+injection = "diagonal"
+prelude_norm = True
+mean_recurrence = 8
+backprop_depth = 4
+depth_sampling = "sequence"
+state_init = "random"
+rope_base = 10000.0
+# optimizer: Muon for block matrices, AdamW for the rest (SPEC 5)
+max_iters = 5000                 # optimizer steps; the run ends by checkpointing exactly this state
+muon_lr = 0.02
+adam_lr = 8e-3
+adam_betas = (0.8, 0.95)
+adam_eps = 1e-10
+weight_decay = 0.0               # decoupled, Muon matrices only
+grad_clip = 1.0                  # 0 = no clipping (the norm is still computed and checked)
+warmup_iters = 0                 # linear warmup steps
+decay_frac = 0.5                 # the last fraction of max_iters decays linearly ...
+min_lr_frac = 0.0                # ... to this fraction of the peak
+max_bad_steps = 10               # stop after this many non-finite steps in a row
+# system
+device = "auto"                  # "auto", "cpu", "cuda", "cuda:1", "mps" ...
+dtype = "auto"                   # "auto" (bf16 on CUDA, fp32 elsewhere), "bfloat16", "float32"
+compile = None                   # torch.compile each block; None = on for CUDA, off otherwise
+peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = guess from the GPU name
+seed = 1337
+# -----------------------------------------------------------------------------
+configure(globals(), sys.argv[1:])
+model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
+settings = {k: v for k, v in globals().items() if not k.startswith("_")
+            and isinstance(v, (int, float, bool, str, tuple, type(None)))}
+
+# distributed setup: one process per device, launched by torchrun
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if ddp:
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+else:
+    rank, local_rank, world = 0, 0, 1
+master = rank == 0
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+if compile is None:
+    compile = device_type == "cuda"
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+tokens_per_micro = batch_size * block_size * world
+if total_batch_size % tokens_per_micro:
+    raise SystemExit(f"total_batch_size={total_batch_size} is not a multiple of batch_size * block_size * "
+                     f"world_size = {tokens_per_micro}")
+grad_accum = total_batch_size // tokens_per_micro
+torch.manual_seed(seed + rank)  # ranks draw different depths and initial states
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+
+def log(*args):
+    if master:
+        print(*args, flush=True)
+
+
+def shards(split):
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+    if not paths:
+        raise SystemExit(f"no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
+    try:
+        return [open_shard(p) for p in paths]  # checks every header and size up front
+    except ValueError as e:
+        raise SystemExit(f"bad shard: {e}") from None
+
+
+# data: train shards read sequentially, the val prefix read once
+train_shards = [] if eval_only else shards("train")
+if any(len(s) < tokens_per_micro + 1 for s in train_shards):
+    raise SystemExit(f"a train shard in {data_dir} has fewer than {tokens_per_micro + 1} tokens")
+val = np.concatenate(shards("val"))
+val_seqs = min(val_tokens, len(val) - 1) // (block_size * batch_size * world) * batch_size * world
+if val_seqs == 0:
+    raise SystemExit(f"the val shards hold {len(val)} tokens, fewer than one batch of every rank")
+data_pos = [0, 0]  # (shard, offset) of the next global micro-batch
+
+# model: from scratch or resumed
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+iter_num, ckpt = 0, None
+if init_from == "resume" or eval_only:
+    if not os.path.exists(ckpt_path):
+        raise SystemExit(f"no checkpoint at {ckpt_path} to resume from")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    changed = {k: (v, model_args[k]) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
+    if changed:
+        log(f"using the checkpoint's model settings, not the config's: {changed}")
+    model_args = ckpt["model_args"]
+    iter_num, data_pos = ckpt["iter_num"], list(ckpt["data_pos"])
+elif init_from != "scratch":
+    raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+model = GPT(GPTConfig(**model_args))
+if ckpt is not None:
+    model.load_state_dict(ckpt["model"])
+model.to(device)
+raw_model = model
+optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
+for opt in optimizers:
+    for group in opt.param_groups:
+        group["peak_lr"] = group["lr"]
+if ckpt is not None and not eval_only:
+    for opt, state in zip(optimizers, ckpt["optimizer"]):
+        opt.load_state_dict(state)
+    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])]["cpu"])
+    if device_type == "cuda" and "cuda" in ckpt["rng"][rank % len(ckpt["rng"])]:
+        torch.cuda.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])]["cuda"])
+del ckpt
+if compile:
+    # each block is compiled on its own, so a new loop depth reuses the same graphs instead of recompiling
+    for block in (*model.prelude, *model.core, *model.coda):
+        block.compile()
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+cfg = raw_model.config
+if not eval_loops:
+    eval_loops = tuple(sorted({1, 2, max(1, cfg.mean_recurrence // 2), cfg.mean_recurrence, 2 * cfg.mean_recurrence}))
+if not peak_flops and device_type == "cuda":
+    peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
+log(f"{cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M unique parameters, "
+    f"{world} process(es), grad_accum {grad_accum}, device {device}, {dtype}, compile {compile}")
+
+
+def lr_mult(it):
+    """Warmup, constant, then linear decay over the last decay_frac of max_iters."""
+    if it < warmup_iters:
+        return (it + 1) / warmup_iters
+    decay_start = max_iters * (1 - decay_frac)
+    if it < decay_start:
+        return 1.0
+    return 1 - (1 - min_lr_frac) * (it - decay_start) / max(1, max_iters - decay_start)
+
+
+@torch.no_grad()
+def evaluate():
+    """Val loss on the fixed val prefix at every depth in eval_loops."""
+    model.eval()
+    losses = {}
+    n = block_size * batch_size
+    for T in eval_loops:
+        total = torch.zeros(2, device=device)
+        for b in range(rank * batch_size, val_seqs, world * batch_size):
+            buf = torch.from_numpy(val[b * block_size:b * block_size + n + 1].astype(np.int64)).to(device)
+            with ctx:
+                _, loss = raw_model(buf[:-1].view(batch_size, block_size), buf[1:].view(batch_size, block_size),
+                                    num_loops=T)
+            total += torch.stack([loss.float(), torch.ones((), device=device)])
+        if ddp:
+            dist.all_reduce(total)
+        losses[T] = (total[0] / total[1]).item()
+    model.train()
+    return losses
+
+
+def fit_saturating_exp(T, L):
+    """Least squares L(T) = L_inf + Z exp(-z T): a grid over z, closed form for (L_inf, Z)."""
+    T, L = np.asarray(T, float), np.asarray(L, float)
+    best = None
+    for z in np.geomspace(1e-3, 10, 2000):
+        X = np.stack([np.ones_like(T), np.exp(-z * T)], 1)
+        coef, *_ = np.linalg.lstsq(X, L, rcond=None)
+        rms = float(np.sqrt(np.mean((X @ coef - L) ** 2)))
+        if best is None or rms < best[-1]:
+            best = (coef[0], coef[1], z, rms)
+    return best
+
+
+def write_log(record):
+    if master:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def report_eval():
+    losses = evaluate()
+    log(f"step {iter_num} val loss by loop depth:\n" + "\n".join(f"  T={T:<3d} {l:.4f}" for T, l in losses.items()))
+    write_log({"iter": iter_num, "val": losses})
+    return losses
+
+
+def save_checkpoint():
+    """Atomic: write a temp file, fsync, rename; a crash leaves the previous checkpoint intact."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device_type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    rngs = [None] * world
+    if ddp:
+        dist.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if not master:
+        return
+    ckpt = {"model": raw_model.state_dict(), "model_args": asdict(cfg), "optimizer": [o.state_dict() for o in optimizers],
+            "iter_num": iter_num, "data_pos": list(data_pos), "config": settings, "rng": rngs, "version": 1}
+    tmp = ckpt_path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_path)
+
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+if eval_only:
+    losses = report_eval()
+    if len(losses) >= 3:
+        L_inf, Z, z, rms = fit_saturating_exp(list(losses), list(losses.values()))
+        log(f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}")
+    if ddp:
+        dist.destroy_process_group()
+    sys.exit(0)
+
+# training loop
+bad_steps, start_iter = 0, iter_num
+model.train()
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        report_eval()
+        if iter_num > start_iter:
+            save_checkpoint()
+        t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
+    if iter_num >= max_iters:
+        break
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["peak_lr"] * lr_mult(iter_num)
+    loss_sum = torch.zeros((), device=device)
+    for micro in range(grad_accum):
+        x, y = read_batch(train_shards, data_pos, batch_size, block_size, rank, world)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
+        with sync:
+            with ctx:
+                _, loss = model(x, y)
+            (loss / grad_accum).backward()
+        loss_sum += loss.detach() / grad_accum
+        n, k = raw_model.last_depths  # MFU counts the loop steps each sequence needed, not the padded maximum
+        useful_flops += raw_model.estimate_flops(block_size, n, k)
+        steps_needed, steps_run = steps_needed + int((n + k).sum()), steps_run + len(n) * int(n.max() + k.max())
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if not torch.isfinite(grad_norm):  # the same on every rank: gradients are already averaged
+        bad_steps += 1
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        log(f"step {iter_num}: non-finite grad norm, step skipped ({bad_steps} in a row)")
+        if bad_steps >= max_bad_steps:
+            raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping (lower the lr, check the data)")
+        continue
+    bad_steps = 0
+    for opt in optimizers:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    iter_num, window = iter_num + 1, window + 1
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.time() - t0
+        work = torch.tensor([useful_flops, steps_needed, steps_run], dtype=torch.float64)
+        if ddp:
+            dist.all_reduce(work)
+        mfu = work[0].item() / elapsed / (world * peak_flops) if peak_flops else float("nan")
+        dt = elapsed / window
+        rho = raw_model.loop_stats()["rho"]
+        rec = {"iter": iter_num, "loss": loss_sum.item(), "lr_mult": lr_mult(iter_num - 1), "grad_norm": grad_norm.item(),
+               "ms": dt * 1000, "tok_s": total_batch_size / dt, "mfu": mfu,
+               "padded": work[2].item() / work[1].item(), "rho": rho}
+        log(f"iter {iter_num}: loss {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, grad norm {rec['grad_norm']:.3f}, "
+            f"{rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, MFU {100 * mfu:.1f}%, padded x{rec['padded']:.2f}, rho {rho:.4f}")
+        write_log(rec)
+        t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
+if ddp:
+    dist.destroy_process_group()
