@@ -424,6 +424,8 @@ class GPT(nn.Module):
             raise ValueError(f"num_loops must be >= 1, got {num_loops}")
         if exit_criterion != "none" and not use_cache:
             raise ValueError("adaptive exit needs use_cache=True")
+        if exit_criterion not in ("none", "kl", "latent"):
+            raise ValueError(f"exit_criterion must be none, kl or latent, got {exit_criterion!r}")
         if cache not in ("full", "last"):
             raise ValueError(f"cache must be 'full' or 'last', got {cache!r}")
         kv, used = None, []

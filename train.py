@@ -81,7 +81,14 @@ compile = None                   # torch.compile each block; None = on for CUDA,
 peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = guess from the GPU name
 seed = 1337
 # -----------------------------------------------------------------------------
-configure(globals(), sys.argv[1:])
+try:
+    configure(globals(), sys.argv[1:])
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+if compile not in (None, True, False):
+    raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
+if dtype not in ("auto", "bfloat16", "float16", "float32"):
+    raise SystemExit(f"error: config key 'dtype' must be auto, bfloat16, float16 or float32, got {dtype!r}")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}
@@ -160,9 +167,6 @@ if ckpt is not None:
 model.to(device)
 raw_model = model
 optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
-for opt in optimizers:
-    for group in opt.param_groups:
-        group["peak_lr"] = group["lr"]
 if ckpt is not None and not eval_only:
     for opt, state in zip(optimizers, ckpt["optimizer"]):
         opt.load_state_dict(state)
@@ -170,6 +174,9 @@ if ckpt is not None and not eval_only:
     if device_type == "cuda" and "cuda" in ckpt["rng"][rank % len(ckpt["rng"])]:
         torch.cuda.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])]["cuda"])
 del ckpt
+for opt, peak in zip(optimizers, (muon_lr, adam_lr)):
+    for group in opt.param_groups:
+        group["peak_lr"] = peak  # the schedule scales these; set after loading so a resumed run may change them
 if compile:
     # each block is compiled on its own, so a new loop depth reuses the same graphs instead of recompiling
     for block in (*model.prelude, *model.core, *model.coda):

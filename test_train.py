@@ -1,0 +1,145 @@
+"""Tests of train.py and its data path (CPU).   python -m pytest -q test_train.py"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from prepare_fineweb import build_sample, read_batch, write_shard
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+_CACHE = os.path.join(ROOT, "..", "shared", "tiktoken_cache")
+if os.path.isdir(_CACHE):  # the GPT-2 BPE file, for machines without network
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", _CACHE)
+# a tiny model that trains in seconds; fixed depths and zero state make runs comparable across processes
+TINY = ["--n_embd=32", "--n_head=2", "--n_kv_head=1", "--n_prelude=1", "--n_core=1", "--n_coda=1",
+        "--mean_recurrence=3", "--backprop_depth=2", "--depth_sampling=fixed", "--state_init=zero", "--block_size=32", "--batch_size=4", "--val_tokens=1024",
+        "--total_batch_size=128", "--compile=False", "--device=cpu", "--log_interval=1", "--warmup_iters=2", "--decay_frac=0.0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sample")
+    build_sample(str(path))
+    return str(path)
+
+
+def train(*args, check=True, launcher=(sys.executable,)):
+    r = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check and r.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(out_dir):
+    return {r["iter"]: r["loss"] for r in read_log(out_dir) if "loss" in r}
+
+
+# config errors ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("arg,key", [("--n_embdd=64", "n_embdd"), ("--batch_size=abc", "batch_size"),
+                                     ("--compile=maybe", "compile"), ("--eval_loops=oops", "eval_loops")])
+def test_bad_setting_names_the_key(arg, key):
+    r = train(arg, check=False)
+    assert r.returncode != 0 and key in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    cfg = tmp_path / "bad.py"
+    cfg.write_text("n_embd = 64\nlearning_rate = 1e-3\n")
+    r = train(str(cfg), check=False)
+    assert r.returncode != 0 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_shard_is_named(tmp_path, data):
+    bad = tmp_path / "data"
+    bad.mkdir()
+    write_shard(str(bad / "x_val_000000.bin"), np.arange(5000) % 50000)
+    write_shard(str(bad / "x_train_000001.bin"), np.arange(5000) % 50000)
+    with open(bad / "x_train_000001.bin", "r+b") as f:
+        f.truncate(1024 + 2 * 4000)  # fewer tokens than the header claims
+    r = train(*TINY, f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}", check=False)
+    assert r.returncode != 0 and "x_train_000001.bin" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data):
+    r = train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", check=False)
+    assert r.returncode != 0 and "ckpt.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+# loader --------------------------------------------------------------------------------------------
+def test_two_ranks_read_disjoint_slices_of_the_global_batch():
+    shards = [np.arange(10_000, dtype=np.uint16), np.arange(20_000, 30_000, dtype=np.uint16)]
+    pos_single, pos = [0, 0], [[0, 0], [0, 0]]
+    for _ in range(40):  # long enough to cross into the second shard and wrap around
+        whole_x, whole_y = read_batch(shards, pos_single, 8, 64, rank=0, world=1)
+        parts = [read_batch(shards, pos[r], 4, 64, rank=r, world=2) for r in range(2)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), whole_x)
+        assert torch.equal(torch.cat([p[1] for p in parts]), whole_y)
+        assert not set(parts[0][0].flatten().tolist()) & set(parts[1][0].flatten().tolist())
+        assert pos[0] == pos[1] == pos_single
+        assert torch.equal(whole_y[:, :-1], whole_x[:, 1:])
+
+
+# resume, checkpoint, guards --------------------------------------------------------------------------
+def test_resume_is_exact(tmp_path, data):
+    common = [*TINY, f"--data_dir={data}", "--eval_interval=4", "--depth_sampling=sequence", "--state_init=random"]
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    train(*common, f"--out_dir={a}", "--max_iters=8")
+    train(*common, f"--out_dir={b}", "--max_iters=4")
+    ckpt_b = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)
+    assert ckpt_b["iter_num"] == 4
+    assert {"model", "model_args", "optimizer", "iter_num", "config"} <= set(ckpt_b)
+    train(*common, f"--out_dir={b}", "--max_iters=8", "--init_from=resume")
+    la, lb = train_losses(a), train_losses(b)
+    assert sorted(la) == sorted(lb) == list(range(1, 9))
+    assert all(la[i] == lb[i] for i in la), (la, lb)
+    wa = torch.load(os.path.join(a, "ckpt.pt"), weights_only=True)["model"]
+    wb = torch.load(os.path.join(b, "ckpt.pt"), weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not any(f.endswith(".tmp") for f in os.listdir(b))  # the atomic write left nothing behind
+
+
+def test_eval_only_prints_depth_table_and_fit(tmp_path, data):
+    out = str(tmp_path)
+    train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3")
+    r = train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--eval_only=True", "--eval_loops=1,2,4,8")
+    for T in (1, 2, 4, 8):
+        assert f"T={T} " in r.stdout
+    assert "fit L(T)" in r.stdout and "rms residual" in r.stdout
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, data):
+    r = train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--adam_lr=1e30", "--max_bad_steps=3",
+              "--max_iters=20", "--eval_interval=100", check=False)
+    assert r.returncode != 0
+    assert "step skipped (3 in a row)" in r.stdout and "non-finite steps in a row" in r.stderr
+
+
+# DDP --------------------------------------------------------------------------------------------------
+def test_ddp_two_processes_match_gradient_accumulation(tmp_path, data):
+    common = [*TINY, f"--data_dir={data}", "--max_iters=4", "--eval_interval=100", "--total_batch_size=256"]
+    single, multi = str(tmp_path / "single"), str(tmp_path / "ddp")
+    train(*common, f"--out_dir={single}")  # 1 process, 2 micro-steps of 4 sequences
+    r = train(*common, f"--out_dir={multi}",  # 2 processes, 1 micro-step of 4 sequences each
+              launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert "2 process(es), grad_accum 1" in r.stdout
+    ls, lm = train_losses(single), train_losses(multi)
+    assert sorted(ls) == sorted(lm) == [1, 2, 3, 4]
+    assert all(abs(ls[i] - lm[i]) < 1e-5 for i in ls), (ls, lm)
+
+
+# a real (short) run ------------------------------------------------------------------------------------
+def test_tiny_config_lowers_val_loss(tmp_path, data):
+    out = str(tmp_path)
+    train("config/tiny.py", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=40", "--eval_interval=20")
+    vals = [r["val"] for r in read_log(out) if "val" in r]
+    mu = "4"  # tiny.py's mean_recurrence (json keys are strings)
+    assert len(vals) == 3 and vals[-1][mu] < vals[1][mu] < vals[0][mu] - 3
