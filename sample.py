@@ -1,0 +1,142 @@
+"""
+Sample from a trained looped transformer (out_dir/ckpt.pt, written by train.py).
+
+    python sample.py --out_dir=out/tiny
+    python sample.py --out_dir=out/tiny --start="The meaning of life is" --num_loops=16
+    python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --temperature=0 --max_new_tokens=50
+    python sample.py --out_dir=out/tiny --cache=last                       # a smaller KV cache
+    python sample.py --out_dir=out/tiny --exit_criterion=kl --exit_threshold=5e-4   # adaptive depth
+
+num_loops is the test-time depth: how many times the shared core runs per token (0 = the
+depth the model was trained at, its mean_recurrence). With an exit criterion each generated
+token may leave the loop earlier; prompt tokens always run num_loops steps. After each sample
+a line reports the depth, the mean loop steps per generated token and the KV cache size.
+
+The prompt is GPT-2 BPE; <|endoftext|> in it is the document separator, and an empty prompt
+starts from <|endoftext|> alone. A prompt longer than the model's block_size is cropped from
+the left to its last block_size tokens (with a warning on stderr): the model cannot see more.
+Samples are printed in full, prompt included; token ids in the padded part of the vocabulary
+(50257 and up, which an undertrained model may still pick) are printed as U+FFFD.
+"""
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import fields
+
+import torch
+
+from configurator import configure
+from model import GPT, GPTConfig
+from prepare_fineweb import EOT, gpt2_encoding
+
+# -----------------------------------------------------------------------------
+out_dir = "out"                  # the checkpoint is out_dir/ckpt.pt
+start = "\n"                     # the prompt, or "FILE:path" to read it from a file
+num_samples = 3                  # samples to draw, one after another
+max_new_tokens = 200             # tokens generated per sample
+temperature = 0.8                # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
+top_k = 200                      # sample among the top_k most likely tokens only; 0 = all of them
+seed = 1337
+device = "auto"                  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1" ...
+dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 elsewhere), "float32", "bfloat16", "float16"
+num_loops = 0                    # test-time loop depth; 0 = the checkpoint's mean_recurrence
+use_cache = True                 # KV cache; False recomputes the whole context for every token
+cache = "full"                   # "full": K/V of every loop step; "last": only each past token's last step
+exit_criterion = "none"          # "none", "kl" (KL between consecutive steps' predictions) or "latent" (state change)
+exit_threshold = 5e-4            # leave the loop once the criterion is below this (RDM: 5e-4 for kl; ~0.03 for latent)
+compile = False                  # torch.compile each block (first tokens are slow while it compiles)
+# -----------------------------------------------------------------------------
+try:
+    configure(globals(), sys.argv[1:])
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+for ok, why in ((num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),
+                (max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {max_new_tokens}"),
+                (temperature >= 0, f"temperature must be >= 0, got {temperature}"),
+                (top_k >= 0, f"top_k must be >= 0, got {top_k}"),
+                (num_loops >= 0, f"num_loops must be >= 0 (0 = the checkpoint's depth), got {num_loops}"),
+                (cache in ("full", "last"), f"cache must be 'full' or 'last', got {cache!r}"),
+                (exit_criterion in ("none", "kl", "latent"),
+                 f"exit_criterion must be 'none', 'kl' or 'latent', got {exit_criterion!r}"),
+                (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True"),
+                (dtype in ("auto", "float32", "bfloat16", "float16"),
+                 f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")):
+    if not ok:
+        raise SystemExit(f"error: {why}")
+
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" else "float32"
+ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+# the checkpoint: check its format before building the model from it
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if not os.path.exists(ckpt_path):
+    raise SystemExit(f"error: no checkpoint at {ckpt_path}: train a model first (python train.py ...), "
+                     f"or point --out_dir at its directory")
+try:
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+except Exception as e:
+    raise SystemExit(f"error: cannot read {ckpt_path}: {str(e).strip().splitlines()[0]}") from None
+incompatible = f"error: {ckpt_path} is incompatible with this sample.py"
+if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+    have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise SystemExit(f"{incompatible}: expected keys 'model' and 'model_args', found {have}")
+if ckpt.get("version") != 1:
+    raise SystemExit(f"{incompatible}: checkpoint version {ckpt.get('version')!r}, this code reads version 1")
+known = {f.name for f in fields(GPTConfig)}
+unknown, missing = sorted(ckpt["model_args"].keys() - known), sorted(known - ckpt["model_args"].keys())
+if unknown or missing:
+    raise SystemExit(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}, missing {missing}")
+try:
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+except (ValueError, TypeError, RuntimeError) as e:  # bad values, or weights of another shape
+    raise SystemExit(f"{incompatible}: {' '.join(str(e).split())}") from None
+del ckpt
+model.eval()
+model.to(device)
+if compile:
+    for block in (*model.prelude, *model.core, *model.coda):
+        block.compile()
+block_size = model.config.block_size
+depth = num_loops or model.config.mean_recurrence
+
+# the prompt
+enc = gpt2_encoding()
+if start.startswith("FILE:"):
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read the prompt file: {e}") from None
+ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT]
+if len(ids) > block_size:
+    print(f"warning: the prompt has {len(ids)} tokens, more than block_size={block_size}: "
+          f"keeping its last {block_size}", file=sys.stderr)
+    ids = ids[-block_size:]
+x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
+
+
+def decode(tokens):
+    """GPT-2 text of the tokens; ids past the tokenizer's vocabulary become U+FFFD."""
+    pieces = (enc.decode_single_token_bytes(t) if t < enc.n_vocab else "\ufffd".encode() for t in tokens)
+    return b"".join(pieces).decode("utf-8", errors="replace")
+
+
+for _ in range(num_samples):
+    with ctx:
+        y, stats = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                  num_loops=depth, use_cache=use_cache, cache=cache,
+                                  exit_criterion=exit_criterion, exit_threshold=exit_threshold,
+                                  return_stats=True)
+    print(decode(y[0].tolist()))
+    kv = (f"kv cache {stats['cache_bytes']:,} bytes ({stats['cache_bytes'] / 2**20:.2f} MiB, {cache})"
+          if use_cache else "kv cache off")
+    print(f"[loop depth {depth}, mean loop steps per generated token {stats['mean_steps']:.2f}, {kv}]")
+    print("---------------")
