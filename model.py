@@ -306,14 +306,15 @@ class GPT(nn.Module):
     # --- cost and optimizers ----------------------------------------------------------------
     def estimate_flops(self, seq_len, n, k, backward=True):
         """Matmul FLOPs of one forward (+ backward) where sequence i runs n[i] loop steps without and
-        k[i] with gradient (backward costs 2x forward). Attention is counted at the full T^2, as
-        torch's FlopCounterMode does. Pass the per-sequence depths for useful work, or B copies of
-        their maxima for the work masked execution really does."""
+        k[i] with gradient (backward costs 2x forward). Attention counts the full T^2 (the usual
+        convention, and what FlopCounterMode counts for SDPA's math and CUDA kernels). Pass the
+        per-sequence depths for useful work, or B copies of their maxima for what masked execution runs."""
         cfg, d = self.config, self.config.n_embd
         kv_dim = cfg.n_kv_head * (d // cfg.n_head)
         block = 2 * (10 * d * d + 2 * d * kv_dim) + 4 * seq_len * d  # per token: q,o,up,down + k,v + attention
-        inject = {"add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B per step
-        once = (cfg.n_prelude + cfg.n_coda) * block + 2 * d * cfg.vocab_size + (inject if cfg.injection == "diagonal" else 0)
+        inject = {"add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B, every step
+        C = 2 * d * d if cfg.injection == "diagonal" else 0  # output projection, once
+        once = (cfg.n_prelude + cfg.n_coda) * block + 2 * d * cfg.vocab_size + C
         f = 3 if backward else 1
         n, k = torch.as_tensor(n), torch.as_tensor(k)
         step = cfg.n_core * block + inject

@@ -210,7 +210,11 @@ def read_documents(paths):
 def gpt2_encoding():
     # tiktoken's "r50k_base" is the GPT-2 BPE (same ranks, regex and <|endoftext|>) stored as
     # one file instead of "gpt2"'s two, so one cached file is enough to work offline
-    return tiktoken.get_encoding("r50k_base")
+    try:
+        return tiktoken.get_encoding("r50k_base")
+    except Exception as e:  # offline without the cached file: say what to do, not a traceback
+        raise SystemExit(f"error: cannot load GPT-2's BPE (tiktoken r50k_base): {type(e).__name__}. "
+                         "Offline? Set TIKTOKEN_CACHE_DIR to a folder holding the cached file.") from None
 
 def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
     """Pack token arrays into shards of at most shard_size tokens; return [(path, count)]."""

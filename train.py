@@ -339,7 +339,8 @@ while True:
                "ms": dt * 1000, "tok_s": total_batch_size / dt, "mfu": mfu,
                "padded": work[2].item() / work[1].item(), "rho": rho}
         log(f"iter {iter_num}: loss {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, grad norm {rec['grad_norm']:.3f}, "
-            f"{rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, MFU {100 * mfu:.1f}%, padded x{rec['padded']:.2f}, rho {rho:.4f}")
+            f"{rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, MFU {f'{100 * mfu:.1f}%' if peak_flops else 'n/a'}, "
+            f"padded x{rec['padded']:.2f}, rho {rho:.4f}")
         write_log(rec)
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
 if ddp:

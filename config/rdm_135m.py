@@ -19,14 +19,4 @@ block_size = 1024
 batch_size = 16
 total_batch_size = 262144
 max_iters = 10000  # 2.6B tokens: fetch them with `python prepare_fineweb.py --num_chunks 27`
-# Parcae's optimizer for every variant, so the injection is the only difference (SPEC 5):
-# Muon for block matrices, AdamW (no weight decay) for the rest; no warmup, linear decay over the last 50%
-muon_lr = 0.02
-adam_lr = 8e-3
-adam_betas = (0.8, 0.95)
-adam_eps = 1e-10
-weight_decay = 0.0
-warmup_iters = 0
-decay_frac = 0.5
-min_lr_frac = 0.0
-grad_clip = 1.0
+# optimizer and schedule: train.py's defaults (Parcae's, SPEC 5), the same for every variant
