@@ -24,9 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NORM_EPS = 1e-5
-INJECTIONS = ("add", "concat", "diagonal")
-DEPTH_SAMPLING = ("sequence", "batch", "fixed")
-STATE_INIT = ("random", "zero")
 
 
 @dataclass
@@ -50,21 +47,19 @@ class GPTConfig:
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: {why}")
-        for f in ("block_size", "vocab_size", "n_embd", "n_head", "n_kv_head", "n_core",
+        for f in ("block_size", "vocab_size", "n_embd", "n_head", "n_kv_head", "n_prelude", "n_core", "n_coda",
                   "mean_recurrence", "backprop_depth"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 1:
-                bad(f, "must be an integer >= 1")
-        for f in ("n_prelude", "n_coda"):
-            if not isinstance(getattr(self, f), int) or getattr(self, f) < 0:
-                bad(f, "must be an integer >= 0")
+            low = 0 if f in ("n_prelude", "n_coda") else 1
+            if not isinstance(getattr(self, f), int) or getattr(self, f) < low:
+                bad(f, f"must be an integer >= {low}")
         if self.n_embd % self.n_head:
             bad("n_embd", f"must be divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             bad("n_embd", "head size n_embd // n_head must be even for rotary embeddings")
         if self.n_head % self.n_kv_head:
             bad("n_head", f"must be divisible by n_kv_head={self.n_kv_head}")
-        for f, allowed in (("injection", INJECTIONS), ("depth_sampling", DEPTH_SAMPLING),
-                           ("state_init", STATE_INIT)):
+        for f, allowed in (("injection", ("add", "concat", "diagonal")), ("state_init", ("random", "zero")),
+                           ("depth_sampling", ("sequence", "batch", "fixed"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"must be one of {allowed}")
         if not isinstance(self.prelude_norm, bool):

@@ -154,14 +154,17 @@ if init_from == "resume" or eval_only:
     if not os.path.exists(ckpt_path):
         raise SystemExit(f"no checkpoint at {ckpt_path} to resume from")
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    changed = {k: (v, model_args[k]) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
+    changed = {k: (v, model_args.get(k)) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
     if changed:
         log(f"using the checkpoint's model settings, not the config's: {changed}")
     model_args = ckpt["model_args"]
     iter_num, data_pos = ckpt["iter_num"], list(ckpt["data_pos"])
 elif init_from != "scratch":
     raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
-model = GPT(GPTConfig(**model_args))
+try:
+    model = GPT(GPTConfig(**model_args))
+except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint from another version
+    raise SystemExit(f"error: {e}") from None
 if ckpt is not None:
     model.load_state_dict(ckpt["model"])
 model.to(device)
@@ -170,9 +173,10 @@ optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_bet
 if ckpt is not None and not eval_only:
     for opt, state in zip(optimizers, ckpt["optimizer"]):
         opt.load_state_dict(state)
-    torch.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])]["cpu"])
-    if device_type == "cuda" and "cuda" in ckpt["rng"][rank % len(ckpt["rng"])]:
-        torch.cuda.set_rng_state(ckpt["rng"][rank % len(ckpt["rng"])]["cuda"])
+    rng = ckpt["rng"][rank % len(ckpt["rng"])]  # this rank's depth and h0 draws continue where they stopped
+    torch.set_rng_state(rng["cpu"])
+    if device_type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"])
 del ckpt
 for opt, peak in zip(optimizers, (muon_lr, adam_lr)):
     for group in opt.param_groups:
@@ -277,7 +281,9 @@ if eval_only:
     losses = report_eval()
     if len(losses) >= 3:
         L_inf, Z, z, rms = fit_saturating_exp(list(losses), list(losses.values()))
-        log(f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}")
+        edge = " (z at the edge of its search range: these losses do not saturate with depth)" \
+            if not 1.1e-3 < z < 9.9 else ""
+        log(f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}{edge}")
     if ddp:
         dist.destroy_process_group()
     sys.exit(0)
