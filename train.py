@@ -290,9 +290,11 @@ if eval_only:
 
 # training loop
 bad_steps, start_iter = 0, iter_num
+t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
 model.train()
 while True:
-    if iter_num % eval_interval == 0 or iter_num == max_iters:
+    # a resumed run's first state was evaluated when its checkpoint was written: skip that repeat
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or init_from == "scratch"):
         report_eval()
         if iter_num > start_iter:
             save_checkpoint()
