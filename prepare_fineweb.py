@@ -84,9 +84,6 @@ def open_shard(path):
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
 
-# -----------------------------------------------------------------------------
-# downloading the FineWeb shards
-
 def read_batch(shards, pos, batch_size, block_size, rank=0, world=1):
     """The next global micro-batch of world * batch_size sequences, read sequentially from pos =
     [shard, offset] (advanced in place). Rank r gets the r-th contiguous slice as (x, y) int64 tensors
@@ -101,6 +98,8 @@ def read_batch(shards, pos, batch_size, block_size, rank=0, world=1):
     pos[1] += world * n
     return buf[:-1].view(batch_size, block_size), buf[1:].view(batch_size, block_size)
 
+# -----------------------------------------------------------------------------
+# downloading the FineWeb shards
 
 class RetryableError(Exception):
     pass
