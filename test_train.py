@@ -133,7 +133,12 @@ def test_ddp_two_processes_match_gradient_accumulation(tmp_path, data):
     assert "2 process(es), grad_accum 1" in r.stdout
     ls, lm = train_losses(single), train_losses(multi)
     assert sorted(ls) == sorted(lm) == [1, 2, 3, 4]
-    assert all(abs(ls[i] - lm[i]) < 1e-5 for i in ls), (ls, lm)
+    # step 1 starts from the same weights: the all-reduced gradient must equal the accumulated one
+    gs, gm = ([r["grad_norm"] for r in read_log(d) if "grad_norm" in r] for d in (single, multi))
+    assert ls[1] == lm[1] and abs(gs[0] / gm[0] - 1) < 1e-5, (gs, gm)
+    # later steps: the two sums differ in the last fp32 bits (another summation order), and Muon's
+    # Newton-Schulz iteration runs in bf16, which turns that into ~1e-4 differences in the loss
+    assert all(abs(ls[i] - lm[i]) < 2e-3 for i in ls), (ls, lm)
 
 
 # a real (short) run ------------------------------------------------------------------------------------
