@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 NORM_EPS = 1e-5
 
@@ -43,6 +44,7 @@ class GPTConfig:
     depth_sampling: str = "sequence"  # "sequence" (Parcae) | "batch" (Huginn) | "fixed"
     state_init: str = "random"     # "random" (training only; zero in eval) | "zero"
     rope_base: float = 10000.0     # rotary embedding base
+    loop_checkpoint: bool = False  # recompute each gradient loop step in backward: memory flat in backprop_depth
 
     def __post_init__(self):
         def bad(field, why):
@@ -62,8 +64,9 @@ class GPTConfig:
                            ("depth_sampling", ("sequence", "batch", "fixed"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"must be one of {allowed}")
-        if not isinstance(self.prelude_norm, bool):
-            bad("prelude_norm", "must be True or False")
+        for f in ("prelude_norm", "loop_checkpoint"):
+            if not isinstance(getattr(self, f), bool):
+                bad(f, "must be True or False")
         if not self.rope_base > 0:
             bad("rope_base", "must be > 0")
 
@@ -78,10 +81,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.to(self.weight.dtype), (x.size(-1),), self.weight, NORM_EPS).type_as(x)
 
 
-def apply_rope(x, cos, sin):  # x (B, T, H, hd), cos/sin (T, hd/2); rotate-half layout
-    x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+def apply_rope(x, cos, sin):  # x (B, T, H, hd), cos/sin (T, hd/2) fp32; rotate-half layout
+    # rotate in fp32 and round once: under bf16 autocast a bf16 rotation would round cos, sin and the products
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
 class KVCache:
@@ -120,9 +124,10 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
-        # QK-norm without parameters keeps attention logits bounded however the loop state grows
-        q = apply_rope(F.rms_norm(q, (self.head_dim,), eps=NORM_EPS), cos, sin)
-        k = apply_rope(F.rms_norm(k, (self.head_dim,), eps=NORM_EPS), cos, sin)
+        # QK-norm without parameters keeps attention logits bounded however the loop state grows;
+        # F.rms_norm's default eps (the dtype's machine epsilon), as in Parcae's code
+        q = apply_rope(F.rms_norm(q, (self.head_dim,)), cos, sin)
+        k = apply_rope(F.rms_norm(k, (self.head_dim,)), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         past = 0 if cache is None else len(cache)
         if cache is not None:
@@ -180,6 +185,7 @@ class GPT(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)  # (block_size, hd/2)
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.last_depths = None  # (n, k) per sequence of the latest forward, for MFU and padded-work stats
+        self.last_rows_run = 0   # row-steps the core actually ran in the latest forward (= sum of T_i)
         self.init_weights()
 
     @torch.no_grad()
@@ -266,17 +272,22 @@ class GPT(nn.Module):
         return logits if logits.dtype == torch.float64 else logits.float()  # fp32 (fp64 kept for tests)
 
     def _loop(self, h, e, cos, sin, n, k):
-        """Run sequence i for n[i] steps without gradient, then k[i] steps with it (SPEC 3.3).
-        The loop is time-invariant, so this is T_i = n_i + k_i steps with gradient through the last k_i."""
+        """Run sequence i for n[i] steps without gradient, then k[i] steps with it (SPEC 3.3). The loop is
+        time-invariant, so this is T_i = n_i + k_i steps with gradient through the last k_i. The rows come
+        sorted deepest first, and n, k are non-decreasing in T: the rows still running are a prefix h[:m]."""
         for steps, grad in ((n, False), (k, True)):
-            if grad:
-                h = h.detach()  # gradient stops at the state entering the first gradient step
-            active, all_active = steps.to(h.device)[:, None, None], int(steps.min())
-            with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-                for s in range(int(steps.max())):
-                    h_new = self.core_step(h, e, cos, sin)
-                    # a sequence whose depth is used up keeps its state (masked execution)
-                    h = h_new if s < all_active else torch.where(s < active, h_new, h)
+            grad = grad and torch.is_grad_enabled()
+            # gradient stops at the state entering the first gradient step; e gets it from every gradient step
+            h, inp = h.detach(), (e if grad else e.detach())
+            with torch.set_grad_enabled(grad):
+                for m in [int((steps > s).sum()) for s in range(int(steps.max()))]:
+                    # rows are independent sequences: running only the m unfinished ones computes the same function
+                    if grad and self.config.loop_checkpoint:  # keep only the step's input; recompute in backward
+                        x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, use_reentrant=False)
+                    else:
+                        x = self.core_step(h[:m], inp[:m], cos, sin)
+                    h = x if m == len(h) else torch.cat([x, h[m:]])  # finished rows keep their state
+                    self.last_rows_run += m
         return h
 
     def forward(self, idx, targets=None, num_loops=None, h0=None):
@@ -290,20 +301,35 @@ class GPT(nn.Module):
         elif h0.shape != e.shape:
             raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {tuple(e.shape)}")
         n, k = self._depths(B, num_loops)
-        self.last_depths = (n, k)
-        y = self._coda(self._loop(h0, e, cos, sin, n, k), cos, sin)  # (B, T, C)
+        self.last_depths, self.last_rows_run = (n, k), 0
+        depth = n + k
+        if (depth[1:] > depth[:-1]).any():  # deepest first, so _loop runs a prefix of rows; then back in order
+            order = depth.argsort(descending=True, stable=True)  # (B,) on the CPU, like the depths
+            o = order.to(e.device)
+            h = self._loop(h0[o], e[o], cos, sin, n[order], k[order])[o.argsort()]
+        else:
+            h = self._loop(h0, e, cos, sin, n, k)
+        y = self._coda(h, cos, sin)  # (B, T, C)
         if targets is None:
             return self.head(y[:, [-1], :]), None  # (B, 1, V)
         logits = self.head(y)  # (B, T, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
+    def compile_blocks(self):
+        """torch.compile block by block, so a new loop depth reuses the same graphs. The core runs on a batch
+        that shrinks as sequences finish their loops: a symbolic batch size gives one graph for every size."""
+        for block in (*self.prelude, *self.coda):
+            block.compile()
+        for block in self.core:
+            block.compile(dynamic=True)
+
     # --- cost and optimizers ----------------------------------------------------------------
     def estimate_flops(self, seq_len, n, k, backward=True):
         """Matmul FLOPs of one forward (+ backward) where sequence i runs n[i] loop steps without and
         k[i] with gradient (backward costs 2x forward). Attention counts the full T^2 (the usual
-        convention, and what FlopCounterMode counts for SDPA's math and CUDA kernels). Pass the
-        per-sequence depths for useful work, or B copies of their maxima for what masked execution runs."""
+        convention, and what FlopCounterMode counts for SDPA's math and CUDA kernels). The forward runs
+        exactly these steps (_loop); B copies of the maxima give what padded execution would cost."""
         cfg, d = self.config, self.config.n_embd
         kv_dim = cfg.n_kv_head * (d // cfg.n_head)
         block = 2 * (10 * d * d + 2 * d * kv_dim) + 4 * seq_len * d  # per token: q,o,up,down + k,v + attention

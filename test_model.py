@@ -133,6 +133,126 @@ def test_no_grad_steps_build_no_graph():
     assert counts[0] == counts[1] > 0  # 7 extra no-grad steps save nothing for backward
 
 
+
+# exact compaction: only the rows still looping run, and that changes nothing ------------------------------
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_compacted_batch_equals_each_row_alone(injection):
+    model = randomized(tiny(injection, mean_recurrence=4, backprop_depth=3), seed=3, dtype=torch.float64).train()
+    torch.manual_seed(4)
+    B, T = 10, 12
+    idx = torch.randint(0, 64, (B, T))
+    h0 = torch.randn(B, T, 32, dtype=torch.float64) * 0.1
+    depths = torch.tensor([3, 1, 7, 3, 1, 5, 2, 9, 4, 7])  # unsorted, repeated, depth 1, deeper than backprop_depth
+    model.zero_grad()
+    logits, loss = model(idx, idx, num_loops=depths, h0=h0)
+    (loss * B).backward()  # mean over the batch -> sum of per-sequence means
+    batch = grads(model)
+    n, k = model.last_depths  # in the caller's row order, not the sorted one
+    assert (n + k).tolist() == depths.tolist() and k.tolist() == depths.clamp(max=3).tolist()
+    assert model.last_rows_run == int(depths.sum())  # no padded loop steps
+    total = {name: torch.zeros_like(g) for name, g in batch.items()}
+    for i in range(B):
+        model.zero_grad()
+        logits_i, loss_i = model(idx[i:i + 1], idx[i:i + 1], num_loops=int(depths[i]), h0=h0[i:i + 1])
+        loss_i.backward()
+        assert torch.allclose(logits[i], logits_i[0], rtol=1e-7, atol=1e-12), i
+        for name, g in grads(model).items():
+            total[name] += g
+    for name in total:
+        assert torch.allclose(batch[name], total[name], rtol=1e-7, atol=1e-12), name
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_loop_checkpoint_gives_the_same_gradients(injection):
+    torch.manual_seed(5)
+    idx, depths = torch.randint(0, 64, (6, 10)), torch.tensor([4, 1, 6, 2, 6, 3])
+    h0 = torch.randn(6, 10, 32, dtype=torch.float64) * 0.1
+    results = []
+    for ckpt in (False, True):
+        model = randomized(tiny(injection, backprop_depth=3, loop_checkpoint=ckpt), seed=6, dtype=torch.float64).train()
+        logits, loss = model(idx, idx, num_loops=depths, h0=h0)
+        loss.backward()
+        results.append((logits.detach(), grads(model)))
+    (la, ga), (lb, gb) = results
+    assert torch.equal(la, lb)
+    assert ga["core.0.attn.q.weight"].abs().sum() > 0 and ga["prelude.0.mlp.up.weight"].abs().sum() > 0
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], rtol=1e-12, atol=1e-15), name
+
+
+def saved_bytes_for_backward(model, idx, num_loops):
+    """Bytes autograd keeps for backward, each storage counted once (e is saved at every step, once in memory)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = model(idx, idx, num_loops=num_loops)
+    loss.backward()
+    return sum(seen.values())
+
+
+def test_loop_checkpoint_keeps_activation_memory_flat_in_backprop_depth():
+    B, T, d = 4, 16, 32
+    idx = torch.randint(0, 64, (B, T))
+    state = B * T * d * 4  # one fp32 loop state (B, T, C)
+    for ckpt in (False, True):
+        sizes = []
+        for bwd in (1, 2, 4, 8):
+            torch.manual_seed(0)
+            model = GPT(tiny("diagonal", backprop_depth=bwd, loop_checkpoint=ckpt)).train()
+            sizes.append(saved_bytes_for_backward(model, idx, num_loops=8))  # k = bwd gradient steps
+        growth = [(b - a) / (k2 - k1) for (a, k1), (b, k2) in zip(zip(sizes, (1, 2, 4)), zip(sizes[1:], (2, 4, 8)))]
+        if ckpt:  # all that grows is the state entering each gradient step, which the recomputation starts from
+            assert growth == [state] * 3, (sizes, growth)
+        else:  # every block's activations, at every gradient step
+            assert all(g > 20 * state for g in growth), (sizes, growth)
+
+
+# numerics shared with Parcae's code ----------------------------------------------------------------------
+def test_rope_is_applied_in_fp32_and_rounded_once():
+    from model import apply_rope
+    model = GPT(tiny())
+    torch.manual_seed(0)
+    x = (torch.randn(2, 32, 4, 8) * 3).bfloat16()
+    cos, sin = model.cos[:32], model.sin[:32]
+    x1, x2 = x.double().chunk(2, dim=-1)
+    c, s = cos[:, None].double(), sin[:, None].double()
+    exact = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+    got = apply_rope(x, cos, sin)
+    assert got.dtype == torch.bfloat16
+    # at most the one final rounding of bf16 (2^-8 relative) away from the exact rotation
+    err = (got.double() - exact).abs() / exact.abs().clamp(min=1e-3)
+    assert err.max() <= 2 ** -8 + 1e-6
+    bf16_rotation = torch.cat([x1.bfloat16() * c.bfloat16() - x2.bfloat16() * s.bfloat16(),
+                               x1.bfloat16() * s.bfloat16() + x2.bfloat16() * c.bfloat16()], dim=-1)
+    assert not torch.equal(bf16_rotation, got)  # the old bf16 rotation rounds more than once
+
+
+def test_qk_norm_uses_rms_norms_default_eps():
+    # with tiny q/k projections mean(q^2) is ~1e-8: eps 1e-5 would all but zero the normalised q, k
+    torch.manual_seed(0)
+    cfg = tiny()
+    attn = GPT(cfg).core[0].attn
+    with torch.no_grad():
+        attn.q.weight.mul_(1e-4), attn.k.weight.mul_(1e-4), attn.o.weight.normal_(0, 0.1)
+    x = torch.randn(2, 16, 32)
+    cos, sin = GPT(cfg).cos[:16], GPT(cfg).sin[:16]
+
+    def reference(eps):
+        hd = attn.head_dim
+        q, k = attn.q(x).view(2, 16, 4, hd), attn.k(x).view(2, 16, 2, hd)
+        v = attn.v(x).view(2, 16, 2, hd).transpose(1, 2).repeat_interleave(2, dim=1)
+        q, k = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) for t in (q, k))
+        from model import apply_rope
+        q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2).repeat_interleave(2, dim=1)
+        att = (q @ k.transpose(-1, -2) / hd ** 0.5).masked_fill(torch.ones(16, 16).triu(1).bool(), float("-inf"))
+        return attn.o((att.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 32))
+    out = attn(x, cos, sin)
+    assert torch.allclose(out, reference(torch.finfo(torch.float32).eps), atol=1e-5)
+    assert not torch.allclose(out, reference(1e-5), atol=1e-3)
+
 # 5. depth sampler ----------------------------------------------------------------------------
 def test_sequence_sampler_mean_and_grad_steps():
     model = GPT(tiny("diagonal", mean_recurrence=6, backprop_depth=3)).train()
