@@ -130,8 +130,7 @@ def build(args):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**args)).to(device)
     if compile:
-        for block in (*model.prelude, *model.core, *model.coda):
-            block.compile()  # per block as in train.py: a new loop depth reuses the same graphs
+        model.compile_blocks()
     return model
 
 
@@ -139,16 +138,17 @@ def bench_train(model, name):
     """One table row, seconds per step and useful FLOPs per token of train.py's micro-batch step."""
     model.train()
     optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
-    t0 = useful = needed = run = 0  # counted from the first timed step on
+    t0 = useful = padded = needed = run = 0  # counted from the first timed step on
     for i in range(warmup + steps):
         if i == warmup:  # the timed steps start here
-            t0, useful, needed, run = clock(), 0, 0, 0
+            t0, useful, padded, needed, run = clock(), 0, 0, 0, 0
         x = torch.randint(0, vocab_size, (batch_size, block_size + 1), device=device)
         with ctx:
             _, loss = model(x[:, :-1], x[:, 1:])
         n, k = model.last_depths  # (B,) loop steps without / with gradient per sequence
-        useful += model.estimate_flops(block_size, n, k)  # not the padded work masked execution does
-        needed, run = needed + int((n + k).sum()), run + batch_size * int(n.max() + k.max())
+        useful += model.estimate_flops(block_size, n, k)
+        padded += model.estimate_flops(block_size, n.max().expand(batch_size), k.max().expand(batch_size))
+        needed, run = needed + int((n + k).sum()), run + model.last_rows_run  # loop steps needed / run
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
         for opt in optimizers:
@@ -160,7 +160,7 @@ def bench_train(model, name):
            "MFU useful": f"{100 * useful / steps / dt / peak:.1f}%" if peak else "n/a",
            "padded": f"x{run / needed:.2f}", "peak mem": peak_memory(),
            "params": f"{model.get_num_params() / 1e6:.2f}M"}
-    return row, dt, useful / (steps * batch_size * block_size)
+    return row, dt, useful / (steps * batch_size * block_size), padded / useful
 
 
 def print_table(rows):
@@ -211,10 +211,12 @@ print(f"{config_name}: injection {injection}, mean_recurrence {mean_recurrence},
 print(f"peak {peak / 1e12:.3g} TFLOP/s ({peak_how})" if peak else "peak unknown: MFU n/a (set --peak_flops)")
 print(f"\ntraining: {warmup} warmup + {steps} timed steps of one micro-batch (no gradient accumulation)")
 if compare:  # the baseline first: on CPU the RSS column can only grow
-    base_row, base_dt, base_flops_tok = bench_train(build(baseline_args), f"{config_name} baseline")
+    base_row, base_dt, base_flops_tok, _ = bench_train(build(baseline_args), f"{config_name} baseline")
 model = build(model_args)
-row, dt, flops_tok = bench_train(model, config_name)
+row, dt, flops_tok, padded_flops = bench_train(model, config_name)
 print_table([row, base_row] if compare else [row])
+print(f"running every row to the deepest row's depth (as masked execution does) would cost x{padded_flops:.2f} "
+      f"the FLOPs of these steps")
 if compare:
     print(f"looped / baseline: ms/step x{dt / base_dt:.2f}, useful FLOPs/token x{flops_tok / base_flops_tok:.2f}")
 if not cuda:

@@ -102,8 +102,7 @@ del ckpt
 model.eval()
 model.to(device)
 if compile:
-    for block in (*model.prelude, *model.core, *model.coda):
-        block.compile()
+    model.compile_blocks()
 block_size = model.config.block_size
 depth = num_loops or model.config.mean_recurrence
 

@@ -62,6 +62,7 @@ backprop_depth = 4
 depth_sampling = "sequence"
 state_init = "random"
 rope_base = 10000.0
+loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
 # optimizer: Muon for block matrices, AdamW for the rest (SPEC 5)
 max_iters = 5000                 # optimizer steps; the run ends by checkpointing exactly this state
 muon_lr = 0.02
@@ -182,9 +183,7 @@ for opt, peak in zip(optimizers, (muon_lr, adam_lr)):
     for group in opt.param_groups:
         group["peak_lr"] = peak  # the schedule scales these; set after loading so a resumed run may change them
 if compile:
-    # each block is compiled on its own, so a new loop depth reuses the same graphs instead of recompiling
-    for block in (*model.prelude, *model.core, *model.coda):
-        block.compile()
+    model.compile_blocks()
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 cfg = raw_model.config
@@ -314,9 +313,9 @@ while True:
                 _, loss = model(x, y)
             (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
-        n, k = raw_model.last_depths  # MFU counts the loop steps each sequence needed, not the padded maximum
+        n, k = raw_model.last_depths  # MFU counts the loop steps each sequence needed
         useful_flops += raw_model.estimate_flops(block_size, n, k)
-        steps_needed, steps_run = steps_needed + int((n + k).sum()), steps_run + len(n) * int(n.max() + k.max())
+        steps_needed, steps_run = steps_needed + int((n + k).sum()), steps_run + raw_model.last_rows_run
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if not torch.isfinite(grad_norm):  # the same on every rank: gradients are already averaged
         bad_steps += 1
