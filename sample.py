@@ -90,9 +90,9 @@ if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
 if ckpt.get("version") != 1:
     raise SystemExit(f"{incompatible}: checkpoint version {ckpt.get('version')!r}, this code reads version 1")
 known = {f.name for f in fields(GPTConfig)}
-unknown, missing = sorted(ckpt["model_args"].keys() - known), sorted(known - ckpt["model_args"].keys())
-if unknown or missing:
-    raise SystemExit(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}, missing {missing}")
+unknown = sorted(ckpt["model_args"].keys() - known)  # keys it lacks are settings added later: their defaults
+if unknown:
+    raise SystemExit(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}")
 try:
     model = GPT(GPTConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
