@@ -6,8 +6,11 @@ module-level globals and calls
 
 Every argument is either a Python config file (its assignments override the globals) or
 --key=value. An unknown key or a value of the wrong type is an error that names the key.
+
+load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one.
 """
 import ast
+import os
 
 
 def _coerce(key, value, default):
@@ -51,3 +54,41 @@ def configure(settings, argv):
             for key, value in scope.items():
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__spec__"):
                     assign(key, value, arg)
+
+
+def load_checkpoint(path):
+    """The checked dict of a train.py checkpoint (on the CPU). Anything wrong with the file is a ValueError
+    with a one-line message naming it; keys model_args lacks are settings added later (their defaults)."""
+    import torch
+    from model import GPTConfig
+    if not os.path.exists(path):
+        raise ValueError(f"no checkpoint at {path}: train a model first (python train.py ...), "
+                         f"or point --out_dir at its directory")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path} is empty (0 bytes): the run that wrote it did not finish")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip, another format, a pickle with code in it ...
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"cannot read {path}: {why}") from None
+    incompatible = f"{path} is incompatible with this code"
+    if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
+        have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ValueError(f"{incompatible}: expected keys 'model' and 'model_args', found {have}")
+    if ckpt.get("version") != 1:
+        raise ValueError(f"{incompatible}: checkpoint version {ckpt.get('version')!r}, this code reads version 1")
+    unknown = sorted(ckpt["model_args"].keys() - {f for f in GPTConfig.__dataclass_fields__})
+    if unknown:
+        raise ValueError(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """GPT built from a load_checkpoint() dict with its weights; a mismatch is a one-line ValueError."""
+    from model import GPT, GPTConfig
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, TypeError, RuntimeError) as e:  # bad values, or weights of another shape
+        raise ValueError(f"{path} does not fit this model.py: {' '.join(str(e).split())}") from None
+    return model

@@ -21,12 +21,10 @@ Samples are printed in full, prompt included; token ids in the padded part of th
 import os
 import sys
 from contextlib import nullcontext
-from dataclasses import fields
 
 import torch
 
-from configurator import configure
-from model import GPT, GPTConfig
+from configurator import configure, load_checkpoint, model_from_checkpoint
 from prepare_fineweb import EOT, gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -74,31 +72,12 @@ torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-# the checkpoint: check its format before building the model from it
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if not os.path.exists(ckpt_path):
-    raise SystemExit(f"error: no checkpoint at {ckpt_path}: train a model first (python train.py ...), "
-                     f"or point --out_dir at its directory")
+# the checkpoint: checked before the model is built from it
 try:
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-except Exception as e:
-    raise SystemExit(f"error: cannot read {ckpt_path}: {str(e).strip().splitlines()[0]}") from None
-incompatible = f"error: {ckpt_path} is incompatible with this sample.py"
-if not isinstance(ckpt, dict) or not {"model", "model_args"} <= ckpt.keys():
-    have = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise SystemExit(f"{incompatible}: expected keys 'model' and 'model_args', found {have}")
-if ckpt.get("version") != 1:
-    raise SystemExit(f"{incompatible}: checkpoint version {ckpt.get('version')!r}, this code reads version 1")
-known = {f.name for f in fields(GPTConfig)}
-unknown = sorted(ckpt["model_args"].keys() - known)  # keys it lacks are settings added later: their defaults
-if unknown:
-    raise SystemExit(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}")
-try:
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(ckpt["model"])
-except (ValueError, TypeError, RuntimeError) as e:  # bad values, or weights of another shape
-    raise SystemExit(f"{incompatible}: {' '.join(str(e).split())}") from None
-del ckpt
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    model = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 model.eval()
 model.to(device)
 if compile:
