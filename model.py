@@ -186,6 +186,7 @@ class GPT(nn.Module):
         self.register_buffer("sin", angles.sin(), persistent=False)
         self.last_depths = None  # (n, k) per sequence of the latest forward, for MFU and padded-work stats
         self.last_rows_run = 0   # row-steps the core actually ran in the latest forward (= sum of T_i)
+        self.last_state = None   # per sequence (B,): RMS of h_T per token, and |h_T - h_T-1| / |h_T| per token
         self.init_weights()
 
     @torch.no_grad()
@@ -275,20 +276,28 @@ class GPT(nn.Module):
         """Run sequence i for n[i] steps without gradient, then k[i] steps with it (SPEC 3.3). The loop is
         time-invariant, so this is T_i = n_i + k_i steps with gradient through the last k_i. The rows come
         sorted deepest first, and n, k are non-decreasing in T: the rows still running are a prefix h[:m]."""
+        rms, residual = torch.zeros(2, len(h), device=h.device)
         for steps, grad in ((n, False), (k, True)):
+            last = grad  # every row's last step is in the gradient phase (k_i >= 1)
             grad = grad and torch.is_grad_enabled()
             # gradient stops at the state entering the first gradient step; e gets it from every gradient step
             h, inp = h.detach(), (e if grad else e.detach())
             with torch.set_grad_enabled(grad):
-                for m in [int((steps > s).sum()) for s in range(int(steps.max()))]:
+                active = [int((steps > s).sum()) for s in range(int(steps.max()))] + [0]
+                for m, m_next in zip(active, active[1:]):
                     # rows are independent sequences: running only the m unfinished ones computes the same function
                     if grad and self.config.loop_checkpoint:  # keep only the step's input; recompute in backward
                         x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, use_reentrant=False)
                     else:
                         x = self.core_step(h[:m], inp[:m], cos, sin)
+                    if last:  # telemetry of rows m_next..m, whose last step this is: does the state settle?
+                        with torch.no_grad():
+                            hT, step = x[m_next:].float(), (x[m_next:] - h[m_next:m]).float()
+                            rms[m_next:m] = hT.pow(2).mean(-1).sqrt().mean(-1)
+                            residual[m_next:m] = (step.norm(dim=-1) / hT.norm(dim=-1).clamp(min=1e-12)).mean(-1)
                     h = x if m == len(h) else torch.cat([x, h[m:]])  # finished rows keep their state
                     self.last_rows_run += m
-        return h
+        return h, rms, residual
 
     def forward(self, idx, targets=None, num_loops=None, h0=None):
         B, T = idx.shape
@@ -306,9 +315,11 @@ class GPT(nn.Module):
         if (depth[1:] > depth[:-1]).any():  # deepest first, so _loop runs a prefix of rows; then back in order
             order = depth.argsort(descending=True, stable=True)  # (B,) on the CPU, like the depths
             o = order.to(e.device)
-            h = self._loop(h0[o], e[o], cos, sin, n[order], k[order])[o.argsort()]
+            back = o.argsort()
+            h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order]))
         else:
-            h = self._loop(h0, e, cos, sin, n, k)
+            h, rms, residual = self._loop(h0, e, cos, sin, n, k)
+        self.last_state = (rms, residual)
         y = self._coda(h, cos, sin)  # (B, T, C)
         if targets is None:
             return self.head(y[:, [-1], :]), None  # (B, 1, V)

@@ -253,6 +253,25 @@ def test_qk_norm_uses_rms_norms_default_eps():
     assert torch.allclose(out, reference(torch.finfo(torch.float32).eps), atol=1e-5)
     assert not torch.allclose(out, reference(1e-5), atol=1e-3)
 
+
+# loop telemetry ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("training", [True, False])
+def test_loop_telemetry_on_a_known_trajectory(training):
+    # identity blocks (zero-init output projections), add injection and h0 = 0 give h_t = t e exactly:
+    # the state RMS per token is T * rms(e) and the last step's relative residual |e| / |T e| = 1/T
+    model = GPT(tiny("add", prelude_norm=True, backprop_depth=2)).double().train(training)
+    idx = torch.randint(0, 64, (4, 8))
+    depths = torch.tensor([1, 5, 2, 7])
+    h0 = torch.zeros(4, 8, 32, dtype=torch.float64)
+    model(idx, idx, num_loops=depths, h0=h0)
+    rms, residual = model.last_state
+    e = model._prelude(idx, model.cos[:8], model.sin[:8])
+    rms_e = e.pow(2).mean(-1).sqrt().mean(-1)  # (B,) ~1 after the prelude RMSNorm
+    assert rms.dtype == residual.dtype == torch.float32  # telemetry is fp32, whatever the model runs in
+    assert torch.allclose(rms.double(), depths * rms_e, rtol=1e-6)
+    assert torch.allclose(residual.double(), 1 / depths.double(), rtol=1e-6)
+    assert model.last_rows_run == int(depths.sum())
+
 # 5. depth sampler ----------------------------------------------------------------------------
 def test_sequence_sampler_mean_and_grad_steps():
     model = GPT(tiny("diagonal", mean_recurrence=6, backprop_depth=3)).train()

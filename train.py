@@ -341,13 +341,14 @@ while True:
             dist.all_reduce(work)
         mfu = work[0].item() / elapsed / (world * peak_flops) if peak_flops else float("nan")
         dt = elapsed / window
-        rho = raw_model.loop_stats()["rho"]
+        loop = raw_model.loop_stats()  # rho of A-bar, and sigma_max (concat) or mean_decay (diagonal)
+        state_rms, residual = (t.mean().item() for t in raw_model.last_state)  # the last micro-batch's h_T
         rec = {"iter": iter_num, "loss": loss_sum.item(), "lr_mult": lr_mult(iter_num - 1), "grad_norm": grad_norm.item(),
                "ms": dt * 1000, "tok_s": total_batch_size / dt, "mfu": mfu,
-               "padded": work[2].item() / work[1].item(), "rho": rho}
+               "padded": work[2].item() / work[1].item(), **loop, "state_rms": state_rms, "residual": residual}
         log(f"iter {iter_num}: loss {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, grad norm {rec['grad_norm']:.3f}, "
             f"{rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, MFU {f'{100 * mfu:.1f}%' if peak_flops else 'n/a'}, "
-            f"padded x{rec['padded']:.2f}, rho {rho:.4f}")
+            f"padded x{rec['padded']:.2f}, rho {loop['rho']:.4f}, state rms {state_rms:.3g}, residual {residual:.3g}")
         write_log(rec)
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
 if ddp:

@@ -1,0 +1,147 @@
+"""
+The stability study (README "Stability"): naive, RDM and Parcae loops and the fixed-depth baseline with
+the same blocks, each trained at several learning-rate multipliers, then one table of what happened.
+
+    cp ../shared/data/linuxdoc_*.bin data/linuxdoc/    # or: python prepare_fineweb.py --num_chunks 1
+    python sweep.py                                    # all runs (finished ones are reused), then the table
+    python sweep.py --data_dir=data/fineweb10B --out_dir=out/sweep_fineweb
+    python sweep.py --summary_only=True                # just the table, from the logs in out_dir
+    python sweep.py --parallel=2                       # two runs at a time, one thread each
+
+Every run is `python train.py` with the shape below and one multiplier m: muon_lr = m * 0.02 and
+adam_lr = m * 8e-3 (train.py's defaults). Per run the table gives the final val loss at mu_rec and
+2 mu_rec, the largest rho and loop-state RMS logged, the non-finite steps skipped, the loss spikes
+(a logged train loss more than 1 nat above the median of the 10 logged before it), and whether it
+diverged: it stopped on non-finite steps, or its final val loss is not finite or worse than a unigram
+model of the same data (the token frequencies of the train shards, scored on the val prefix).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from configurator import configure
+
+# -----------------------------------------------------------------------------
+out_dir = "out/sweep"               # one folder per run: log.jsonl, train.log, status.json
+data_dir = "data/linuxdoc"          # GPT-2 token shards (*_train_*.bin, *_val_*.bin)
+variants = "gpt,naive,rdm,parcae"   # which of VARIANTS below to run
+multipliers = (0.5, 1.0, 2.0, 4.0, 8.0)  # learning-rate multipliers around train.py's defaults
+max_iters = 100                     # optimizer steps per run
+parallel = 1                        # runs at a time (each with one OpenMP thread)
+summary_only = False                # only print the table of the runs already in out_dir
+# -----------------------------------------------------------------------------
+SHAPE = ["--n_embd=128", "--n_head=4", "--n_kv_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1",
+         "--mean_recurrence=4", "--backprop_depth=2", "--block_size=128", "--batch_size=8", "--total_batch_size=1024",
+         "--val_tokens=8192", "--log_interval=1", "--device=cpu", "--compile=False"]
+VARIANTS = {  # the injection and its paper's depth sampler; the baseline is the same blocks run once
+    "gpt": ["--injection=add", "--prelude_norm=False", "--mean_recurrence=1", "--backprop_depth=1",
+            "--depth_sampling=fixed", "--state_init=zero", "--eval_loops=1"],
+    "naive": ["--injection=add", "--prelude_norm=False", "--depth_sampling=sequence", "--eval_loops=4,8"],
+    "rdm": ["--injection=concat", "--prelude_norm=False", "--depth_sampling=batch", "--eval_loops=4,8"],
+    "parcae": ["--injection=diagonal", "--prelude_norm=True", "--depth_sampling=sequence", "--eval_loops=4,8"],
+}
+MUON_LR, ADAM_LR = 0.02, 8e-3
+SPIKE_NATS, SPIKE_WINDOW = 1.0, 10
+
+
+def unigram_loss(data_dir, val_tokens):
+    """Cross-entropy (nats) of the train shards' token frequencies (add-one smoothed) on the val prefix."""
+    from prepare_fineweb import open_shard
+    shards = lambda split: sorted(p for p in os.listdir(data_dir) if f"_{split}_" in p and p.endswith(".bin"))
+    counts = sum(np.bincount(open_shard(os.path.join(data_dir, p)), minlength=2**16) for p in shards("train"))
+    val = np.concatenate([open_shard(os.path.join(data_dir, p)) for p in shards("val")])[1:val_tokens + 1]
+    logp = np.log((counts + 1) / (counts.sum() + len(counts)))
+    return float(-logp[val].mean())
+
+
+def summarize(run_dir, unigram):
+    """One table row from a run's log.jsonl, train.log and status.json."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    with open(os.path.join(run_dir, "train.log")) as f:
+        skipped = sum("step skipped" in line for line in f)
+    with open(os.path.join(run_dir, "status.json")) as f:
+        status = json.load(f)
+    steps = [r for r in log if "loss" in r]
+    vals = [r["val"] for r in log if "val" in r and r["iter"] > 0]
+    final = vals[-1] if vals and status["returncode"] == 0 else {}
+    losses = [r["loss"] for r in steps]
+    spikes = sum(losses[i] > np.median(losses[i - SPIKE_WINDOW:i]) + SPIKE_NATS for i in range(SPIKE_WINDOW, len(losses)))
+    depths = sorted(final, key=int)
+    at_mu = final[depths[0]] if depths else float("nan")
+    diverged = status["returncode"] != 0 or not math.isfinite(at_mu) or at_mu > unigram
+    return {"val_mu": at_mu, "val_2mu": final[depths[1]] if len(depths) > 1 else None,
+            "max_rho": max((r["rho"] for r in steps), default=float("nan")),
+            "max_state_rms": max((r["state_rms"] for r in steps), default=float("nan")),
+            "skipped": skipped, "spikes": spikes, "steps": len(steps), "diverged": diverged}
+
+
+def start(name, mult):
+    run_dir = os.path.join(out_dir, f"{name}_x{mult:g}")
+    if os.path.exists(os.path.join(run_dir, "status.json")):
+        return None  # finished earlier: reuse it
+    os.makedirs(run_dir, exist_ok=True)
+    for old in ("log.jsonl", "ckpt.pt"):  # a half-finished earlier attempt starts over
+        if os.path.exists(os.path.join(run_dir, old)):
+            os.remove(os.path.join(run_dir, old))
+    cmd = [sys.executable, "train.py", *SHAPE, *VARIANTS[name], f"--data_dir={data_dir}", f"--out_dir={run_dir}",
+           f"--max_iters={max_iters}", f"--eval_interval={max_iters}",
+           f"--muon_lr={MUON_LR * mult}", f"--adam_lr={ADAM_LR * mult}"]
+    out = open(os.path.join(run_dir, "train.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            cwd=os.path.dirname(os.path.abspath(__file__)))
+    return proc, out, run_dir, time.time()
+
+
+def finish(proc, out, run_dir, t0):
+    out.close()
+    with open(os.path.join(run_dir, "status.json"), "w") as f:
+        json.dump({"returncode": proc.returncode, "seconds": round(time.time() - t0, 1)}, f)
+    print(f"{run_dir}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
+
+
+def fmt(x, spec):
+    return "-" if x is None else ("nan" if isinstance(x, float) and not math.isfinite(x) else format(x, spec))
+
+
+if __name__ == "__main__":
+    try:
+        configure(globals(), sys.argv[1:])
+        names = variants.split(",")
+        if unknown := [n for n in names if n not in VARIANTS]:
+            raise ValueError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
+        unigram = unigram_loss(data_dir, 8192)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    runs = [(n, m) for n in names for m in multipliers]
+    if not summary_only:
+        t_start, todo, running = time.time(), list(runs), []
+        while todo or running:
+            while todo and len(running) < parallel:
+                job = start(*todo.pop(0))
+                if job:
+                    running.append(job)
+            time.sleep(1)
+            for job in [j for j in running if j[0].poll() is not None]:
+                running.remove(job)
+                finish(*job)
+        print(f"sweep took {(time.time() - t_start) / 60:.1f} min")
+    print(f"\n{data_dir}, {max_iters} steps of 1,024 tokens; unigram loss of the val prefix {unigram:.3f} nats")
+    head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "diverged"]
+    rows = []
+    for name, mult in runs:
+        run_dir = os.path.join(out_dir, f"{name}_x{mult:g}")
+        if not os.path.exists(os.path.join(run_dir, "status.json")):
+            rows.append([name, f"{mult:g}", "not run"] + [""] * 6)
+            continue
+        r = summarize(run_dir, unigram)
+        rows.append([name, f"{mult:g}", fmt(r["val_mu"], ".4f"), fmt(r["val_2mu"], ".4f"), fmt(r["max_rho"], ".3f") if name != "gpt" else "-",
+                     fmt(r["max_state_rms"], ".3g"), str(r["skipped"]), str(r["spikes"]), "yes" if r["diverged"] else "no"])
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
