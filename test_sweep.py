@@ -1,0 +1,56 @@
+"""Tests of sweep.py's summary of runs (no training).   python -m pytest -q test_sweep.py"""
+import json
+import math
+import os
+
+import numpy as np
+
+from prepare_fineweb import write_shard
+from sweep import summarize, unigram_loss
+
+
+def fake_run(path, losses, rhos, rms, val, returncode, skipped=0):
+    os.makedirs(path)
+    with open(os.path.join(path, "log.jsonl"), "w") as f:
+        f.write(json.dumps({"iter": 0, "val": {"4": 10.9, "8": 10.9}}) + "\n")  # the step-0 evaluation
+        for i, (loss, rho, s) in enumerate(zip(losses, rhos, rms), 1):
+            f.write(json.dumps({"iter": i, "loss": loss, "rho": rho, "state_rms": s}) + "\n")
+        if val is not None:
+            f.write(json.dumps({"iter": len(losses), "val": val}) + "\n")
+    with open(os.path.join(path, "train.log"), "w") as f:
+        f.write("".join(f"step {i}: non-finite grad norm, step skipped ({i} in a row)\n" for i in range(skipped)))
+    with open(os.path.join(path, "status.json"), "w") as f:
+        json.dump({"returncode": returncode, "seconds": 1.0}, f)
+    return str(path)
+
+
+def test_summary_of_a_healthy_and_a_diverged_run(tmp_path):
+    calm = [6.0 - 0.1 * i for i in range(20)]  # falling loss, no spike
+    ok = summarize(fake_run(tmp_path / "ok", calm, [0.4] * 19 + [0.5], [1.0] * 10 + [3.0] + [1.0] * 9,
+                            {"4": 4.5, "8": 4.4}, 0), unigram=7.0)
+    assert ok == {"val_mu": 4.5, "val_2mu": 4.4, "max_rho": 0.5, "max_state_rms": 3.0, "skipped": 0, "spikes": 0,
+                  "steps": 20, "diverged": False}
+
+    # two spikes (more than 1 nat above the median of the 10 logged losses before), then the guard stops it
+    wild = calm[:12] + [9.0] + calm[13:15] + [8.0] + calm[16:18]
+    bad = summarize(fake_run(tmp_path / "bad", wild, [1.0 + i for i in range(18)], [2.0] * 18, None, 1, skipped=3),
+                    unigram=7.0)
+    assert bad["spikes"] == 2 and bad["skipped"] == 3 and bad["max_rho"] == 18.0
+    assert bad["diverged"] and math.isnan(bad["val_mu"]) and bad["val_2mu"] is None
+
+
+def test_a_finished_run_worse_than_unigram_counts_as_diverged(tmp_path):
+    r = summarize(fake_run(tmp_path / "r", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": 7.5, "8": 9.0}, 0), unigram=7.0)
+    assert r["diverged"] and r["val_mu"] == 7.5 and r["spikes"] == 0
+    r = summarize(fake_run(tmp_path / "n", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": float("nan")}, 0), unigram=7.0)
+    assert r["diverged"]
+
+
+def test_unigram_loss_by_hand(tmp_path):
+    train = np.array([1, 1, 1, 2, 2, 3])
+    write_shard(str(tmp_path / "x_train_000001.bin"), train)
+    write_shard(str(tmp_path / "x_val_000000.bin"), np.array([50256, 1, 2, 7]))  # the first token is never a target
+    counts = np.bincount(train, minlength=2**16) + 1  # add-one smoothing over the uint16 range
+    p = counts / counts.sum()
+    expected = -np.mean(np.log(p[[1, 2, 7]]))
+    assert abs(unigram_loss(str(tmp_path), 3) - expected) < 1e-12
