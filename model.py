@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 NORM_EPS = 1e-5
+QK_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 inputs CUDA autocast gives it (Parcae)
 
 
 @dataclass
@@ -81,10 +82,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.to(self.weight.dtype), (x.size(-1),), self.weight, NORM_EPS).type_as(x)
 
 
-def apply_rope(x, cos, sin):  # x (B, T, H, hd), cos/sin (T, hd/2) fp32; rotate-half layout
-    # rotate in fp32 and round once: under bf16 autocast a bf16 rotation would round cos, sin and the products
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, None, :], sin[:, None, :]
+def apply_rope(x, cos, sin):  # x (B, T, H, hd), cos/sin (T, hd/2); rotate-half layout
+    # rotate in fp32 (or finer) and round once: in bf16 the rotation would round cos, sin and the products
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x1, x2 = x.to(dtype).chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
 
 
@@ -124,10 +126,9 @@ class Attention(nn.Module):
         q = self.q(x).view(B, T, self.n_head, self.head_dim)
         k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
-        # QK-norm without parameters keeps attention logits bounded however the loop state grows;
-        # F.rms_norm's default eps (the dtype's machine epsilon), as in Parcae's code
-        q = apply_rope(F.rms_norm(q, (self.head_dim,)), cos, sin)
-        k = apply_rope(F.rms_norm(k, (self.head_dim,)), cos, sin)
+        # QK-norm without parameters keeps attention logits bounded however the loop state grows
+        q = apply_rope(F.rms_norm(q, (self.head_dim,), eps=QK_EPS), cos, sin)
+        k = apply_rope(F.rms_norm(k, (self.head_dim,), eps=QK_EPS), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         past = 0 if cache is None else len(cache)
         if cache is not None:
@@ -276,7 +277,7 @@ class GPT(nn.Module):
         """Run sequence i for n[i] steps without gradient, then k[i] steps with it (SPEC 3.3). The loop is
         time-invariant, so this is T_i = n_i + k_i steps with gradient through the last k_i. The rows come
         sorted deepest first, and n, k are non-decreasing in T: the rows still running are a prefix h[:m]."""
-        rms, residual = torch.zeros(2, len(h), device=h.device)
+        rms, residual = torch.zeros(2, len(h), device=h.device, dtype=torch.float32)
         for steps, grad in ((n, False), (k, True)):
             last = grad  # every row's last step is in the gradient phase (k_i >= 1)
             grad = grad and torch.is_grad_enabled()
@@ -287,7 +288,8 @@ class GPT(nn.Module):
                 for m, m_next in zip(active, active[1:]):
                     # rows are independent sequences: running only the m unfinished ones computes the same function
                     if grad and self.config.loop_checkpoint:  # keep only the step's input; recompute in backward
-                        x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, use_reentrant=False)
+                        x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, use_reentrant=False,
+                                       preserve_rng_state=False)  # the core draws no random numbers
                     else:
                         x = self.core_step(h[:m], inp[:m], cos, sin)
                     if last:  # telemetry of rows m_next..m, whose last step this is: does the state settle?
@@ -305,7 +307,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
         cos, sin = self.cos[:T], self.sin[:T]
         e = self._prelude(idx, cos, sin)  # (B, T, C) the input injected at every step
-        if h0 is None:
+        if h0 is None:  # a caller's h0 gets no gradient: it stops at the first gradient step's input (SPEC 3.3)
             h0 = self.initial_state(e)
         elif h0.shape != e.shape:
             raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {tuple(e.shape)}")
@@ -314,7 +316,7 @@ class GPT(nn.Module):
         depth = n + k
         if (depth[1:] > depth[:-1]).any():  # deepest first, so _loop runs a prefix of rows; then back in order
             order = depth.argsort(descending=True, stable=True)  # (B,) on the CPU, like the depths
-            o = order.to(e.device)
+            o = (order.pin_memory() if e.is_cuda else order).to(e.device, non_blocking=True)  # no host sync
             back = o.argsort()
             h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order]))
         else:

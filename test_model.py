@@ -215,8 +215,12 @@ def test_rope_is_applied_in_fp32_and_rounded_once():
     from model import apply_rope
     model = GPT(tiny())
     torch.manual_seed(0)
-    x = (torch.randn(2, 32, 4, 8) * 3).bfloat16()
     cos, sin = model.cos[:32], model.sin[:32]
+    x64 = torch.randn(2, 32, 4, 8, dtype=torch.float64)
+    c64, s64 = cos[:, None].double(), sin[:, None].double()
+    a, b = x64.chunk(2, dim=-1)
+    assert torch.equal(apply_rope(x64, cos, sin), torch.cat([a * c64 - b * s64, a * s64 + b * c64], dim=-1))  # fp64 stays exact
+    x = (torch.randn(2, 32, 4, 8) * 3).bfloat16()
     x1, x2 = x.double().chunk(2, dim=-1)
     c, s = cos[:, None].double(), sin[:, None].double()
     exact = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
