@@ -242,10 +242,11 @@ def main(argv):
                 results[task]["metrics"].setdefault(metric, {})[T] = value
 
     print(f"{ckpt_path} (iter {ckpt.get('iter_num')}), score by loop depth T:")
-    print(f"{'task':<10} {'metric':<9} {'items':>6}" + "".join(f" {f'T={T}':>9}" for T in loops))
+    print(f"{'task':<10} {'metric':<9} {'items':>6}" + "".join(f" {f'T={T}':>10}" for T in loops))
     for task, r in results.items():
         for metric, by_depth in r["metrics"].items():
-            print(f"{task:<10} {metric:<9} {r['items']:>6}" + "".join(f" {by_depth[T]:>9.4f}" for T in loops))
+            digits = 2 if metric == "ppl" else 4
+            print(f"{task:<10} {metric:<9} {r['items']:>6}" + "".join(f" {by_depth[T]:>10.{digits}f}" for T in loops))
     out = {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "eval_loops": list(loops), "tasks": results}
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(out, f, indent=2)
