@@ -145,8 +145,9 @@ def fetch_once(url, part, timeout, chunk_size):
         if expected is not None and got < expected:
             raise RetryableError(f"connection closed after {got} of {expected} bytes")
 
-def fetch(url, path, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20):
-    """Download url to path via path.part, resuming and retrying; rename only a valid shard."""
+def fetch(url, path, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20, check=check_shard):
+    """Download url to path via path.part, resuming and retrying; rename only a file that passes
+    check(part), which raises ValueError on a bad file (default: a token shard's header and size)."""
     name, part = os.path.basename(path), path + ".part"
     for attempt in range(retries):
         try:
@@ -159,26 +160,27 @@ def fetch(url, path, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20):
             print(f"{name}: {e}; retrying in {delay:.1f}s", file=sys.stderr)
             time.sleep(delay)
     try:
-        check_shard(part)
+        check(part)
     except ValueError as e:
         os.remove(part)  # a corrupt file must not be resumed from or renamed into place
-        raise ValueError(f"{name}: downloaded file is not a valid shard, removed it ({e})") from None
+        raise ValueError(f"{name}: downloaded file failed its check, removed it ({e})") from None
     os.replace(part, path)
 
-def download(names, data_dir, base_url=BASE_URL, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20):
-    """Fetch each file in `names` from base_url into data_dir, skipping ones already complete."""
+def download(names, data_dir, base_url=BASE_URL, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20,
+             check=check_shard):
+    """Fetch each file in `names` from base_url into data_dir, skipping ones that already pass check."""
     os.makedirs(data_dir, exist_ok=True)
     for name in names:
         path = os.path.join(data_dir, name)
         if os.path.exists(path):
             try:
-                check_shard(path)
+                check(path)
                 print(f"{name}: already complete, skipping")
                 continue
             except ValueError as e:
                 print(f"{e}; downloading it again", file=sys.stderr)
                 os.remove(path)
-        fetch(f"{base_url.rstrip('/')}/{name}", path, retries, backoff, timeout, chunk_size)
+        fetch(f"{base_url.rstrip('/')}/{name}", path, retries, backoff, timeout, chunk_size, check)
 
 # -----------------------------------------------------------------------------
 # tokenizing local text
@@ -214,6 +216,17 @@ def gpt2_encoding():
     except Exception as e:  # offline without the cached file: say what to do, not a traceback
         raise SystemExit(f"error: cannot load GPT-2's BPE (tiktoken r50k_base): {type(e).__name__}. "
                          "Offline? Set TIKTOKEN_CACHE_DIR to a folder holding the cached file.") from None
+
+def token_byte_lengths(vocab_size):
+    """UTF-8 bytes of each GPT-2 token id, (vocab_size,) int64, for bits per byte. <|endoftext|> and the
+    ids past the tokenizer's vocabulary (padding up to vocab_size) stand for no text: 0 bytes."""
+    enc = gpt2_encoding()
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    for t in range(min(vocab_size, enc.n_vocab)):
+        if t != EOT:
+            # a token may hold part of a multi-byte character: count its bytes, not characters
+            lengths[t] = len(enc.decode_single_token_bytes(t))
+    return lengths
 
 def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
     """Pack token arrays into shards of at most shard_size tokens; return [(path, count)]."""

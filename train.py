@@ -205,25 +205,39 @@ def lr_mult(it):
     return 1 - (1 - min_lr_frac) * (it - decay_start) / max(1, max_iters - decay_start)
 
 
+# UTF-8 bytes of every token id, for bits per byte (a loss that does not depend on the tokenizer);
+# imported here, next to its only use
+from prepare_fineweb import token_byte_lengths  # noqa: E402
+token_bytes = torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
+
+
 @torch.no_grad()
 def evaluate():
-    """Val loss on the fixed val prefix at every depth in eval_loops."""
+    """Val loss (nats per token) and bits per byte on the fixed val prefix at every depth in eval_loops.
+    bpb leaves out targets with no bytes (<|endoftext|>, padded ids) from both of its sums."""
     model.eval()
-    losses = {}
+    losses, bpbs = {}, {}
     n = block_size * batch_size
+    sum_dtype = torch.float32 if device_type == "mps" else torch.float64  # byte counts pass 2^24 in fp32
     for T in eval_loops:
         total = torch.zeros(2, device=device)
+        nats_bytes = torch.zeros(2, device=device, dtype=sum_dtype)  # nats of targets with bytes, their bytes
         for b in range(rank * batch_size, val_seqs, world * batch_size):
             buf = torch.from_numpy(val[b * block_size:b * block_size + n + 1].astype(np.int64)).to(device)
+            y = buf[1:].view(batch_size, block_size)
             with ctx:
-                _, loss = raw_model(buf[:-1].view(batch_size, block_size), buf[1:].view(batch_size, block_size),
-                                    num_loops=T)
+                logits, loss = raw_model(buf[:-1].view(batch_size, block_size), y, num_loops=T)
             total += torch.stack([loss.float(), torch.ones((), device=device)])
+            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nbytes = token_bytes[y.flatten()]
+            nats_bytes += torch.stack([(nll * (nbytes > 0)).sum().to(sum_dtype), nbytes.sum().to(sum_dtype)])
         if ddp:
             dist.all_reduce(total)
+            dist.all_reduce(nats_bytes)
         losses[T] = (total[0] / total[1]).item()
+        bpbs[T] = (nats_bytes[0] / (math.log(2) * nats_bytes[1])).item() if nats_bytes[1] > 0 else float("nan")
     model.train()
-    return losses
+    return losses, bpbs
 
 
 def fit_saturating_exp(T, L):
@@ -246,9 +260,10 @@ def write_log(record):
 
 
 def report_eval():
-    losses = evaluate()
-    log(f"step {iter_num} val loss by loop depth:\n" + "\n".join(f"  T={T:<3d} {l:.4f}" for T, l in losses.items()))
-    write_log({"iter": iter_num, "val": losses})
+    losses, bpbs = evaluate()
+    log(f"step {iter_num} val loss by loop depth:\n" +
+        "\n".join(f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}" for T, l in losses.items()))
+    write_log({"iter": iter_num, "val": losses, "val_bpb": bpbs})
     return losses
 
 

@@ -1,0 +1,260 @@
+"""
+Zero-shot HellaSwag and LAMBADA at several test-time loop depths: does thinking longer help on a task?
+
+    python eval.py --out_dir=out/tiny
+    python eval.py --out_dir=out/parcae_135m --tasks=hellaswag,lambada --eval_loops=1,2,4,8,16
+    python eval.py --out_dir=out/tiny --tasks=hellaswag --max_items=500      # a quick partial run
+    python eval.py --out_dir=out/tiny --eval_data_dir=/path/to/copies       # offline
+
+Prints a table (one row per task and metric, one column per depth) and writes out_dir/eval.json.
+The data are downloaded once into eval_data_dir (resumable, checked before they are renamed into
+place); a file already there is used as it is:
+    hellaswag_val.jsonl   HellaSwag validation, 10,042 items {"ctx", "endings" (4), "label"}
+    lambada_test.jsonl    OpenAI's LAMBADA test set, 5,153 items {"text"}
+
+HellaSwag: the loss of each ending's tokens given the context, joined by a space; acc picks the
+ending with the lowest summed loss, acc_norm the lowest mean loss per token. Chance is 0.25.
+LAMBADA: the target is the last space-separated word; acc = greedy decoding reproduces all of its
+tokens given the text before it; ppl = exp(mean loss of the target tokens).
+The model runs in eval mode (no depth sampling, initial state 0), so a score is a function of the
+checkpoint and the depth only.
+"""
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import requests
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from configurator import configure, load_checkpoint, model_from_checkpoint
+from prepare_fineweb import EOT, fetch, gpt2_encoding
+
+URLS = {"hellaswag": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+        "lambada": "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"}
+
+# -----------------------------------------------------------------------------
+# task data
+
+
+def parse_hellaswag(obj):
+    """(context, endings, label) of one HellaSwag item; ValueError says what is wrong with it."""
+    if not isinstance(obj, dict) or not {"ctx", "endings", "label"} <= obj.keys():
+        raise ValueError("expected a JSON object with 'ctx', 'endings' and 'label'")
+    ctx, endings, label = obj["ctx"], obj["endings"], obj["label"]
+    if not isinstance(ctx, str):
+        raise ValueError(f"'ctx' must be a string, got {type(ctx).__name__}")
+    if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+        raise ValueError("'endings' must be a list of at least 2 strings")
+    if isinstance(label, str) and label.isdigit():
+        label = int(label)  # some copies of the file store the label as a string
+    if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(endings):
+        raise ValueError(f"label {obj['label']!r} out of range: expected an integer 0 to {len(endings) - 1}")
+    return ctx, endings, label
+
+
+def parse_lambada(obj):
+    """(context, target word) of one LAMBADA item: the target is the last space-separated word."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        raise ValueError("expected a JSON object with a 'text' string")
+    context, _, word = obj["text"].rstrip().rpartition(" ")
+    if not context or not word:
+        raise ValueError("'text' needs at least two space-separated words")
+    return context, word
+
+
+PARSERS = {"hellaswag": parse_hellaswag, "lambada": parse_lambada}
+
+
+def read_items(task, path):
+    """Every item of a task's jsonl file; a bad line is a ValueError naming the file and the line."""
+    items = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    items.append(PARSERS[task](json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+                except ValueError as e:
+                    raise ValueError(f"{path}:{i}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+    if not items:
+        raise ValueError(f"{path}: no {task} items in it")
+    return items
+
+
+def task_file(task, data_dir, url=None, **fetch_kwargs):
+    """Path of the task's data in data_dir, downloaded first if it is not there."""
+    url = url or URLS[task]
+    path = os.path.join(data_dir, url.rsplit("/", 1)[-1])
+    if os.path.exists(path):
+        return path
+    os.makedirs(data_dir, exist_ok=True)
+    try:
+        fetch(url, path, check=lambda p: read_items(task, p), **fetch_kwargs)
+    except (RuntimeError, requests.RequestException) as e:
+        why = " ".join(str(e).split())
+        raise RuntimeError(f"cannot download {task} data ({why}): put a copy of {url} at {path}, "
+                           f"or point --eval_data_dir at a folder holding one") from None
+    return path
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+def task_rows(task, items, enc):
+    """(context tokens, continuation tokens) rows, and the item each row belongs to. Contexts start
+    with <|endoftext|>, as every training document does; the continuation's leading space is
+    tokenized with it (" dog", not " " + "dog"), as in running text."""
+    rows, owner = [], []
+    for i, item in enumerate(items):
+        ctx = [EOT] + enc.encode_ordinary(item[0])
+        for cont in (item[1] if task == "hellaswag" else [item[1]]):
+            rows.append((ctx, enc.encode_ordinary(" " + cont)))
+            owner.append(i)
+    return rows, owner
+
+
+@torch.no_grad()
+def score_rows(model, rows, num_loops, batch_size, device="cpu", ctx=nullcontext(), owner=None, bar=None):
+    """For each row (context, continuation): (summed loss of the continuation's tokens in nats, their
+    number, whether each was the argmax of its logits). batch_size rows of similar length share a
+    forward. Rows longer than block_size + 1 lose context from the left, never continuation tokens
+    unless the continuation alone is longer than block_size."""
+    block = model.config.block_size
+    seqs = [((c + t)[-(block + 1):], min(len(t), block)) for c, t in rows]
+    # longest first: similar lengths share a batch (little padding), and an out-of-memory shows at once
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i][0]))
+    left = {}  # rows of each item still unscored, for a bar over items
+    for o in owner or []:
+        left[o] = left.get(o, 0) + 1
+    results = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        L = len(seqs[chunk[0]][0]) - 1
+        # right padding is harmless under causal attention: real tokens never see the pad after them
+        x = torch.zeros(len(chunk), L, dtype=torch.long)
+        y = torch.full((len(chunk), L), -1, dtype=torch.long)  # -1: not scored (context and padding)
+        for r, i in enumerate(chunk):
+            s, n = seqs[i]
+            x[r, :len(s) - 1] = torch.tensor(s[:-1])
+            y[r, len(s) - 1 - n:len(s) - 1] = torch.tensor(s[-n:])
+        x, y = x.to(device), y.to(device)
+        with ctx:
+            logits, _ = model(x, y, num_loops=num_loops)
+        logits = logits.float()
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
+        scored = y >= 0
+        hit = (logits.argmax(-1) == y) | ~scored
+        for r, (total, n, greedy) in enumerate(zip(nll.sum(1).tolist(), scored.sum(1).tolist(), hit.all(1).tolist())):
+            results[chunk[r]] = (total, n, greedy)
+            if owner is not None:
+                left[owner[chunk[r]]] -= 1
+                if bar is not None and not left[owner[chunk[r]]]:
+                    bar.update(1)
+    return results
+
+
+def hellaswag_metrics(items, scores):
+    """acc (lowest summed loss) and acc_norm (lowest mean loss per token) over the items."""
+    acc = acc_norm = 0
+    at = 0
+    for _, endings, label in items:
+        s = scores[at:at + len(endings)]
+        at += len(endings)
+        acc += min(range(len(s)), key=lambda j: s[j][0]) == label
+        acc_norm += min(range(len(s)), key=lambda j: s[j][0] / s[j][1]) == label
+    return {"acc": acc / len(items), "acc_norm": acc_norm / len(items)}
+
+
+def lambada_metrics(items, scores):
+    """acc (every target token is the greedy choice) and ppl of the target tokens."""
+    nats, count = sum(s[0] for s in scores), sum(s[1] for s in scores)
+    return {"acc": sum(s[2] for s in scores) / len(items), "ppl": math.exp(nats / count)}
+
+
+METRICS = {"hellaswag": hellaswag_metrics, "lambada": lambada_metrics}
+
+# -----------------------------------------------------------------------------
+out_dir = "out"                  # the checkpoint is out_dir/ckpt.pt; eval.json goes there too
+tasks = "hellaswag,lambada"      # comma-separated, from: hellaswag, lambada
+eval_loops = ()                  # loop depths to evaluate; () = 1, 2, mu/2, mu, 2 mu
+eval_data_dir = "data/eval"      # where the task files are (downloaded there when missing)
+max_items = 0                    # score only the first max_items items of each task; 0 = all
+batch_size = 32                  # rows (HellaSwag: 4 per item) per forward
+device = "auto"                  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1" ...
+dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 elsewhere), "float32", "bfloat16", "float16"
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    configure(globals(), argv)
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    for ok, why in ((names, "tasks is empty"),
+                    (all(t in PARSERS for t in names),
+                     f"unknown task in tasks={tasks!r}: choose from {', '.join(PARSERS)}"),
+                    (max_items >= 0, f"max_items must be >= 0 (0 = all), got {max_items}"),
+                    (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+                    (all(type(T) is int and T >= 1 for T in eval_loops),
+                     f"eval_loops must be integers >= 1, got {eval_loops!r}"),
+                    (dtype in ("auto", "float32", "bfloat16", "float16"),
+                     f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")):
+        if not ok:
+            raise ValueError(why)
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
+    dt = ("bfloat16" if device_type == "cuda" else "float32") if dtype == "auto" else dtype
+    ctx = nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=getattr(torch, dt))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = load_checkpoint(ckpt_path)
+    model = model_from_checkpoint(ckpt, ckpt_path)
+    model.eval()
+    model.to(dev)
+    mu = model.config.mean_recurrence
+    loops = eval_loops or tuple(sorted({1, 2, max(1, mu // 2), mu, 2 * mu}))
+
+    enc = gpt2_encoding()
+    data = {}
+    for task in names:  # every file is read and checked before the first forward
+        items = read_items(task, task_file(task, eval_data_dir))
+        data[task] = items[:max_items] if max_items else items
+
+    results = {}
+    for task, items in data.items():
+        rows, owner = task_rows(task, items, enc)
+        results[task] = {"items": len(items), "metrics": {}}
+        for T in loops:
+            with tqdm(total=len(items), desc=f"{task} T={T}", unit="item") as bar:
+                scores = score_rows(model, rows, T, batch_size, dev, ctx, owner, bar)
+            for metric, value in METRICS[task](items, scores).items():
+                results[task]["metrics"].setdefault(metric, {})[T] = value
+
+    print(f"{ckpt_path} (iter {ckpt.get('iter_num')}), score by loop depth T:")
+    print(f"{'task':<10} {'metric':<9} {'items':>6}" + "".join(f" {f'T={T}':>10}" for T in loops))
+    for task, r in results.items():
+        for metric, by_depth in r["metrics"].items():
+            digits = 2 if metric == "ppl" else 4
+            print(f"{task:<10} {metric:<9} {r['items']:>6}" + "".join(f" {by_depth[T]:>10.{digits}f}" for T in loops))
+    out = {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "eval_loops": list(loops), "tasks": results}
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {os.path.join(out_dir, 'eval.json')}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, OSError, RuntimeError) as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
