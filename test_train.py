@@ -148,3 +148,25 @@ def test_tiny_config_lowers_val_loss(tmp_path, data):
     vals = [r["val"] for r in read_log(out) if "val" in r]
     mu = "4"  # tiny.py's mean_recurrence (json keys are strings)
     assert len(vals) == 3 and vals[-1][mu] < vals[1][mu] < vals[0][mu] - 3
+
+
+# loop telemetry in the log ----------------------------------------------------------------------------
+def test_log_has_loop_telemetry(tmp_path, data):
+    # at step 0 every block is the identity (zero-init output projections): with add injection, eval's h0 = 0
+    # and the prelude RMSNorm, h_T = T e, so the state RMS per token is ~T and the last step's residual 1/T
+    out = str(tmp_path / "add")
+    train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=100",
+          "--injection=add", "--prelude_norm=True", "--eval_loops=1,2,4")
+    log = read_log(out)
+    first = log[0]
+    assert first["iter"] == 0
+    for T in ("1", "2", "4"):
+        assert abs(first["val_state_rms"][T] / int(T) - 1) < 1e-3, first
+        assert abs(first["val_residual"][T] - 1 / int(T)) < 1e-5, first
+    steps = [r for r in log if "loss" in r]
+    assert all({"rho", "state_rms", "residual"} <= r.keys() for r in steps)
+    out = str(tmp_path / "concat")
+    train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=100",
+          "--injection=concat", "--eval_loops=3")
+    step = [r for r in read_log(out) if "loss" in r][0]
+    assert step["sigma_max"] >= step["rho"] > 0 and step["state_rms"] > 0 and 0 < step["residual"]

@@ -213,21 +213,22 @@ token_bytes = torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
 
 @torch.no_grad()
 def evaluate():
-    """Val loss (nats per token) and bits per byte on the fixed val prefix at every depth in eval_loops.
-    bpb leaves out targets with no bytes (<|endoftext|>, padded ids) from both of its sums."""
+    """Val loss (nats per token) and bits per byte on the fixed val prefix at every depth in eval_loops,
+    and the loop state there (RMS of h_T, last step's relative residual): does it settle, drift or blow up
+    past the training depth? bpb leaves out targets with no bytes (<|endoftext|>, padded ids)."""
     model.eval()
-    losses, bpbs = {}, {}
+    losses, bpbs, states = {}, {}, {}
     n = block_size * batch_size
     sum_dtype = torch.float32 if device_type == "mps" else torch.float64  # byte counts pass 2^24 in fp32
     for T in eval_loops:
-        total = torch.zeros(2, device=device)
+        total = torch.zeros(4, device=device)  # sums over batches: loss, 1, state rms, residual
         nats_bytes = torch.zeros(2, device=device, dtype=sum_dtype)  # nats of targets with bytes, their bytes
         for b in range(rank * batch_size, val_seqs, world * batch_size):
             buf = torch.from_numpy(val[b * block_size:b * block_size + n + 1].astype(np.int64)).to(device)
             y = buf[1:].view(batch_size, block_size)
             with ctx:
                 logits, loss = raw_model(buf[:-1].view(batch_size, block_size), y, num_loops=T)
-            total += torch.stack([loss.float(), torch.ones((), device=device)])
+            total += torch.stack([loss.float(), torch.ones((), device=device), *(t.mean() for t in raw_model.last_state)])
             nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
             nbytes = token_bytes[y.flatten()]
             nats_bytes += torch.stack([(nll * (nbytes > 0)).sum().to(sum_dtype), nbytes.sum().to(sum_dtype)])
@@ -235,9 +236,10 @@ def evaluate():
             dist.all_reduce(total)
             dist.all_reduce(nats_bytes)
         losses[T] = (total[0] / total[1]).item()
+        states[T] = (total[2:] / total[1]).tolist()
         bpbs[T] = (nats_bytes[0] / (math.log(2) * nats_bytes[1])).item() if nats_bytes[1] > 0 else float("nan")
     model.train()
-    return losses, bpbs
+    return losses, bpbs, states
 
 
 def fit_saturating_exp(T, L):
@@ -260,10 +262,12 @@ def write_log(record):
 
 
 def report_eval():
-    losses, bpbs = evaluate()
-    log(f"step {iter_num} val loss by loop depth:\n" +
-        "\n".join(f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}" for T, l in losses.items()))
-    write_log({"iter": iter_num, "val": losses, "val_bpb": bpbs})
+    losses, bpbs, states = evaluate()
+    log(f"step {iter_num} val loss by loop depth:\n" + "\n".join(
+        f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}   state rms {states[T][0]:.3g}   residual {states[T][1]:.3g}"
+        for T, l in losses.items()))
+    write_log({"iter": iter_num, "val": losses, "val_bpb": bpbs, "val_state_rms": {T: s[0] for T, s in states.items()},
+               "val_residual": {T: s[1] for T, s in states.items()}})
     return losses
 
 
