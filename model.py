@@ -45,14 +45,16 @@ class GPTConfig:
     depth_sampling: str = "sequence"  # "sequence" (Parcae) | "batch" (Huginn) | "fixed"
     state_init: str = "random"     # "random" (training only; zero in eval) | "zero"
     rope_base: float = 10000.0     # rotary embedding base
+    mlp: str = "relu2"             # "relu2" (ReLU², Parcae) | "swiglu" (SiLU-gated, three matrices, LoopLM)
+    mlp_hidden: int = 0            # MLP hidden size; 0 = 4 * n_embd, allowed for relu2 only
     loop_checkpoint: bool = False  # recompute each gradient loop step in backward: memory flat in backprop_depth
 
     def __post_init__(self):
         def bad(field, why):
             raise ValueError(f"GPTConfig.{field}={getattr(self, field)!r}: {why}")
         for f in ("block_size", "vocab_size", "n_embd", "n_head", "n_kv_head", "n_prelude", "n_core", "n_coda",
-                  "mean_recurrence", "backprop_depth"):
-            low = 0 if f in ("n_prelude", "n_coda") else 1
+                  "mean_recurrence", "backprop_depth", "mlp_hidden"):
+            low = 0 if f in ("n_prelude", "n_coda", "mlp_hidden") else 1
             if not isinstance(getattr(self, f), int) or getattr(self, f) < low:
                 bad(f, f"must be an integer >= {low}")
         if self.n_embd % self.n_head:
@@ -62,9 +64,11 @@ class GPTConfig:
         if self.n_head % self.n_kv_head:
             bad("n_head", f"must be divisible by n_kv_head={self.n_kv_head}")
         for f, allowed in (("injection", ("add", "concat", "diagonal")), ("state_init", ("random", "zero")),
-                           ("depth_sampling", ("sequence", "batch", "fixed"))):
+                           ("depth_sampling", ("sequence", "batch", "fixed")), ("mlp", ("relu2", "swiglu"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"must be one of {allowed}")
+        if self.mlp == "swiglu" and not self.mlp_hidden:  # 4d would be 1.5x relu2's MLP: ask for the size
+            bad("mlp_hidden", "must be set (> 0) for mlp='swiglu'")
         for f in ("prelude_norm", "loop_checkpoint"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be True or False")
@@ -144,11 +148,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.up = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=False)
-        self.down = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=False)
+        hidden = cfg.mlp_hidden or 4 * cfg.n_embd
+        self.gate = nn.Linear(cfg.n_embd, hidden, bias=False) if cfg.mlp == "swiglu" else None
+        self.up = nn.Linear(cfg.n_embd, hidden, bias=False)
+        self.down = nn.Linear(hidden, cfg.n_embd, bias=False)
 
     def forward(self, x):
-        return self.down(F.relu(self.up(x)).square())  # ReLU^2
+        if self.gate is None:
+            return self.down(F.relu(self.up(x)).square())  # ReLU^2
+        return self.down(F.silu(self.gate(x)) * self.up(x))  # SwiGLU
 
 
 class Block(nn.Module):
@@ -204,7 +212,7 @@ class GPT(nn.Module):
             elif name == "dt_bias":
                 # softplus^-1(-ln sqrt(1/5)): decay exp(-dt) = sqrt(1/5) = 0.4472, dt = 0.8047
                 p.fill_(math.log(math.expm1(-math.log(math.sqrt(0.2)))))
-            elif p.dim() == 2:  # q, k, v, up, wte, C, W
+            elif p.dim() == 2:  # q, k, v, gate, up, wte, C, W
                 nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std)
             else:
                 nn.init.ones_(p)  # norm gains
@@ -345,7 +353,8 @@ class GPT(nn.Module):
         exactly these steps (_loop); B copies of the maxima give what padded execution would cost."""
         cfg, d = self.config, self.config.n_embd
         kv_dim = cfg.n_kv_head * (d // cfg.n_head)
-        block = 2 * (10 * d * d + 2 * d * kv_dim) + 4 * seq_len * d  # per token: q,o,up,down + k,v + attention
+        mlp = (3 if cfg.mlp == "swiglu" else 2) * d * (cfg.mlp_hidden or 4 * d)  # gate, up, down
+        block = 2 * (2 * d * d + 2 * d * kv_dim + mlp) + 4 * seq_len * d  # per token: q,o + k,v + MLP + attention
         inject = {"add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B, every step
         C = 2 * d * d if cfg.injection == "diagonal" else 0  # output projection, once
         once = (cfg.n_prelude + cfg.n_coda) * block + 2 * d * cfg.vocab_size + C

@@ -31,9 +31,10 @@ def randomized(cfg, seed=0, dtype=torch.float32):
 
 
 # 1. parameter counts of SPEC 7 ---------------------------------------------------------------
-def closed_form_params(d, n_head, n_kv, layers, injection, prelude_norm, V=50304):
+def closed_form_params(d, n_head, n_kv, layers, injection, prelude_norm, V=50304, mlp="relu2", mlp_hidden=0):
     kv_dim = d // n_head * n_kv
-    block = d * d + 2 * d * kv_dim + d * d + 8 * d * d + 2 * d  # q, k, v, o, up, down, two norms
+    mlp_params = (3 if mlp == "swiglu" else 2) * d * (mlp_hidden or 4 * d)  # (gate,) up, down
+    block = d * d + 2 * d * kv_dim + d * d + mlp_params + 2 * d  # q, k, v, o, MLP, two norms
     extra = {"add": 0, "concat": 2 * d * d, "diagonal": 2 * d * d + 2 * d}[injection]
     return V * d + layers * block + d + (d if prelude_norm else 0) + extra
 
@@ -55,6 +56,42 @@ def test_param_counts_match_spec_table(shape, table, injection):
                                    cfg.prelude_norm)
     assert round(n / 1e6, 1) == table[injection]
     assert model.wte.weight.data_ptr() == model.wte.weight.data_ptr()  # tied head: counted once above
+
+
+# SwiGLU MLP (LoopLM) --------------------------------------------------------------------------------
+def test_swiglu_block_matches_hand_formula():
+    cfg = tiny("add", mlp="swiglu", mlp_hidden=48)
+    model = randomized(cfg, dtype=torch.float64)
+    block, cos, sin = model.core[0], model.cos[:16], model.sin[:16]
+    with torch.no_grad():
+        block.ln_2.weight.uniform_(0.5, 1.5)
+    x = torch.randn(2, 16, 32, dtype=torch.float64)
+    h = x + block.attn(block.ln_1(x), cos, sin)
+    n = h / torch.sqrt((h * h).mean(-1, keepdim=True) + 1e-5) * block.ln_2.weight
+    g, u = n @ block.mlp.gate.weight.T, n @ block.mlp.up.weight.T
+    ref = h + (g / (1 + torch.exp(-g)) * u) @ block.mlp.down.weight.T  # silu(g) = g * sigmoid(g)
+    assert torch.allclose(block(x, cos, sin), ref, atol=1e-12, rtol=0)
+
+
+def test_swiglu_init_and_optimizer_groups():
+    torch.manual_seed(0)
+    model = GPT(tiny("add", mlp="swiglu", mlp_hidden=48))
+    std = model.init_std
+    for name, p in model.named_parameters():
+        if ".mlp." in name:
+            assert p.shape == ((32, 48) if name.endswith("down.weight") else (48, 32)), name
+        if name.endswith(("mlp.gate.weight", "mlp.up.weight")):  # input side: truncated normal like q, k, v
+            assert p.abs().max() <= 3 * std and abs(p.std().item() / std - 1) < 0.2, name
+        if name.endswith("mlp.down.weight"):
+            assert torch.equal(p, torch.zeros_like(p))  # every block still starts as the identity
+    x = torch.randn(2, 8, 32)
+    block = model.core[0]
+    assert torch.equal(block(x, model.cos[:8], model.sin[:8]), x)
+    muon, adamw = model.configure_optimizers(0.02, 3e-4, 0.0, (0.9, 0.95), 1e-8)
+    in_muon = {id(p) for g in muon.param_groups for p in g["params"]}
+    mlp = [p for n, p in model.named_parameters() if ".mlp." in n]
+    assert len(mlp) == 3 * 4 and all(id(p) in in_muon for p in mlp)  # gate, up, down of all 4 blocks
+    assert not in_muon & {id(p) for g in adamw.param_groups for p in g["params"]}
 
 
 # 2. causality ---------------------------------------------------------------------------------
@@ -425,6 +462,7 @@ def test_overfits_single_batch(injection):
     (dict(mean_recurrence=0), "mean_recurrence"), (dict(backprop_depth=0), "backprop_depth"),
     (dict(depth_sampling="token"), "depth_sampling"), (dict(state_init="ones"), "state_init"),
     (dict(n_core=0), "n_core"), (dict(n_prelude=-1), "n_prelude"), (dict(mean_recurrence=2.5), "mean_recurrence"),
+    (dict(mlp="gelu"), "mlp="), (dict(mlp="swiglu"), "mlp_hidden="), (dict(mlp_hidden=-1), "mlp_hidden="),
 ])
 def test_invalid_config_raises(kw, field):
     with pytest.raises(ValueError, match=field):

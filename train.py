@@ -62,6 +62,8 @@ backprop_depth = 4
 depth_sampling = "sequence"
 state_init = "random"
 rope_base = 10000.0
+mlp = "relu2"                    # "relu2" | "swiglu" (LoopLM's)
+mlp_hidden = 0                   # MLP hidden size; 0 = 4 * n_embd (relu2 only)
 loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
 # optimizer: Muon for block matrices, AdamW for the rest (SPEC 5)
 max_iters = 5000                 # optimizer steps; the run ends by checkpointing exactly this state
