@@ -1,5 +1,6 @@
 """Tests of train.py and its data path (CPU).   python -m pytest -q test_train.py"""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def train_losses(out_dir):
 
 # config errors ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("arg,key", [("--n_embdd=64", "n_embdd"), ("--batch_size=abc", "batch_size"),
-                                     ("--compile=maybe", "compile"), ("--eval_loops=oops", "eval_loops")])
+                                     ("--compile=maybe", "compile"), ("--eval_loops=oops", "eval_loops"),
+                                     ("--decay_shape=step", "decay_shape")])
 def test_bad_setting_names_the_key(arg, key):
     r = train(arg, check=False)
     assert r.returncode != 0 and key in r.stderr and "Traceback" not in r.stderr
@@ -121,6 +123,22 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, data):
               "--max_iters=20", "--eval_interval=100", check=False)
     assert r.returncode != 0
     assert "step skipped (3 in a row)" in r.stdout and "non-finite steps in a row" in r.stderr
+
+
+# lr schedule ---------------------------------------------------------------------------------------------
+def test_cosine_schedule_has_looplms_shape(tmp_path, data):
+    # LoopLM's shape at 20 steps: 2 warmup steps, constant to 60% (step 12), half-cosine to 0.1x over the last 40%
+    train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=20", "--eval_interval=100",
+          "--warmup_iters=2", "--decay_frac=0.4", "--min_lr_frac=0.1", "--decay_shape=cosine")
+    lr = {r["iter"] - 1: r["lr_mult"] for r in read_log(tmp_path) if "lr_mult" in r}  # keyed by the step it ran
+    assert sorted(lr) == list(range(20))
+    assert lr[0] == 0.5 and lr[1] == 1.0  # warmup ends at full lr
+    assert lr[11] == lr[12] == 1.0  # constant up to and including the start of the decay, at 60%
+    cosine = lambda t: 0.1 + 0.9 * (1 + math.cos(math.pi * t)) / 2
+    assert abs(lr[16] - cosine(0.5)) < 1e-12 and abs(lr[16] - 0.55) < 1e-12  # halfway down the window
+    assert abs(lr[19] - cosine(7 / 8)) < 1e-12  # the last step: t = 7/8 of the window, close to 0.1
+    assert all(lr[i] > lr[i + 1] for i in range(12, 19))
+    assert lr[13] > 1 - 0.9 / 8  # starts flatter than the linear decay would
 
 
 # DDP --------------------------------------------------------------------------------------------------

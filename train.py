@@ -74,7 +74,8 @@ adam_eps = 1e-10
 weight_decay = 0.0               # decoupled, Muon matrices only
 grad_clip = 1.0                  # 0 = no clipping (the norm is still computed and checked)
 warmup_iters = 0                 # linear warmup steps
-decay_frac = 0.5                 # the last fraction of max_iters decays linearly ...
+decay_frac = 0.5                 # the last fraction of max_iters decays ...
+decay_shape = "linear"           # ... "linear" or "cosine" (half-cosine, LoopLM's) ...
 min_lr_frac = 0.0                # ... to this fraction of the peak
 max_bad_steps = 10               # stop after this many non-finite steps in a row
 # system
@@ -92,6 +93,8 @@ if compile not in (None, True, False):
     raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
 if dtype not in ("auto", "bfloat16", "float16", "float32"):
     raise SystemExit(f"error: config key 'dtype' must be auto, bfloat16, float16 or float32, got {dtype!r}")
+if decay_shape not in ("linear", "cosine"):
+    raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}
@@ -198,13 +201,16 @@ log(f"{cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M unique para
 
 
 def lr_mult(it):
-    """Warmup, constant, then linear decay over the last decay_frac of max_iters."""
+    """Warmup, constant, then linear or half-cosine decay to min_lr_frac over the last decay_frac of max_iters."""
     if it < warmup_iters:
         return (it + 1) / warmup_iters
     decay_start = max_iters * (1 - decay_frac)
     if it < decay_start:
         return 1.0
-    return 1 - (1 - min_lr_frac) * (it - decay_start) / max(1, max_iters - decay_start)
+    t = (it - decay_start) / max(1, max_iters - decay_start)  # 0 -> 1 over the decay window
+    if decay_shape == "cosine":
+        t = (1 - math.cos(math.pi * t)) / 2  # the same end points, flat at both ends
+    return 1 - (1 - min_lr_frac) * t
 
 
 # UTF-8 bytes of every token id, for bits per byte (a loss that does not depend on the tokenizer);
