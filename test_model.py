@@ -1,5 +1,7 @@
 """Tests of model.py (CPU, tiny shapes).   python -m pytest -q test_model.py"""
 import math
+import os
+import runpy
 
 import pytest
 import torch
@@ -56,6 +58,38 @@ def test_param_counts_match_spec_table(shape, table, injection):
                                    cfg.prelude_norm)
     assert round(n / 1e6, 1) == table[injection]
     assert model.wte.weight.data_ptr() == model.wte.weight.data_ptr()  # tied head: counted once above
+
+
+def config_model_args(name):
+    """The GPTConfig fields a config file sets (the rest at their defaults, which are train.py's)."""
+    settings = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "config", name))
+    return {k: v for k, v in settings.items() if k in GPTConfig.__dataclass_fields__}
+
+
+# config/looplm_135m.py by hand (add injection, no prelude norm, so no injection parameters):
+#   wte, tied with the head   50304 * 1024                              = 51,511,296
+#   per block   q, o          2 * 1024 * 1024                           =  2,097,152
+#               k, v          2 * 1024 * 512   (8 kv heads x 64)        =  1,048,576
+#               gate, up, down 3 * 1024 * 2816 (SwiGLU)                 =  8,650,752
+#               2 norm gains  2 * 1024                                  =      2,048
+#               one block                                               = 11,798,528
+#   7 blocks (prelude/core/coda 4/1/2)  7 * 11,798,528                  = 82,589,696
+#   ln_f                      1024                                      =      1,024
+#   total                     51,511,296 + 82,589,696 + 1,024           = 134,102,016
+# LoopLM counts 134,102,912 (its "134.1M"): the same plus its learnable QK-norm gains, 2 x 64 per block,
+# 7 * 128 = 896. The Parcae twin adds the prelude norm (1024), A_log and dt_bias (2 * 1024) and B, C
+# (2 * 1024 * 1024 = 2,097,152): 134,102,016 + 2,100,224 = 136,202,240.
+@pytest.mark.parametrize("name,expected", [("looplm_135m.py", 134_102_016), ("parcae_looplm_135m.py", 136_202_240)])
+def test_looplm_config_param_count(name, expected):
+    args = config_model_args(name)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**args))
+    assert (args["mlp"], args["mlp_hidden"]) == ("swiglu", 2816)
+    assert model.get_num_params() == expected
+    assert expected == closed_form_params(1024, 16, 8, 7, args["injection"], args["prelude_norm"], mlp="swiglu",
+                                          mlp_hidden=2816)
+    twin = config_model_args("parcae_looplm_135m.py")  # the twin differs in the injection only
+    assert {k for k in args if args[k] != twin[k]} <= {"injection", "prelude_norm"}
 
 
 # SwiGLU MLP (LoopLM) --------------------------------------------------------------------------------
