@@ -27,8 +27,11 @@ def data(tmp_path_factory):
     return str(path)
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process: far faster on a busy machine for models this small
+
+
 def train(*args, check=True, launcher=(sys.executable,)):
-    r = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"train.py failed:\n{r.stdout}\n{r.stderr}")
     return r
@@ -72,6 +75,19 @@ def test_bad_shard_is_named(tmp_path, data):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data):
     r = train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", check=False)
     assert r.returncode != 0 and "ckpt.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_scratch_run_refuses_to_replace_a_checkpoint(tmp_path, data):
+    common = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--eval_interval=100"]
+    train(*common, "--max_iters=3")
+    ckpt, log = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_text()
+    r = train(*common, "--max_iters=2", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert all(way in r.stderr for way in ("--init_from=resume", "--out_dir=", "--overwrite=True"))
+    assert (tmp_path / "ckpt.pt").read_bytes() == ckpt and (tmp_path / "log.jsonl").read_text() == log
+    train(*common, "--max_iters=2", "--overwrite=True")  # replaces both: the log holds the new run only
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    assert [r["iter"] for r in read_log(str(tmp_path))] == [0, 1, 2, 2]
 
 
 # loader --------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from prepare_fineweb import open_shard, read_batch
 out_dir = "out"                  # ckpt.pt and log.jsonl go here
 data_dir = "data/fineweb10B"     # *_train_*.bin and *_val_*.bin shards
 init_from = "scratch"            # "scratch" or "resume" (from out_dir/ckpt.pt)
+overwrite = False                # let a run from scratch replace out_dir's ckpt.pt and log.jsonl
 eval_interval = 250              # evaluate and checkpoint every this many steps (and at the end)
 log_interval = 10                # print training stats every this many steps
 eval_only = False                # evaluate the checkpoint in out_dir and exit
@@ -86,13 +87,18 @@ try:
     configure(globals(), sys.argv[1:])
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
+settings = {k: v for k, v in globals().items() if not k.startswith("_")
+            and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
 if compile not in (None, True, False):
     raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
 if dtype not in ("auto", "bfloat16", "float16", "float32"):
     raise SystemExit(f"error: config key 'dtype' must be auto, bfloat16, float16 or float32, got {dtype!r}")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
+    # a trained model is not replaced by accident: say the three ways on
+    raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
+                     f"--out_dir=..., or replace it and its log.jsonl with --overwrite=True")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
-settings = {k: v for k, v in globals().items() if not k.startswith("_")
-            and isinstance(v, (int, float, bool, str, tuple, type(None)))}
 
 # distributed setup: one process per device, launched by torchrun
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -149,7 +155,6 @@ if val_seqs == 0:
 data_pos = [0, 0]  # (shard, offset) of the next global micro-batch
 
 # model: from scratch or resumed
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
 iter_num, ckpt = 0, None
 if init_from == "resume" or eval_only:
     if not os.path.exists(ckpt_path):
@@ -276,6 +281,8 @@ def save_checkpoint():
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    if init_from == "scratch" and not eval_only and os.path.exists(os.path.join(out_dir, "log.jsonl")):
+        os.remove(os.path.join(out_dir, "log.jsonl"))  # a new run starts a new log, never appends to an old one
 if eval_only:
     losses = report_eval()
     if len(losses) >= 3:
