@@ -56,9 +56,10 @@ def configure(settings, argv):
                     assign(key, value, arg)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, need=()):
     """The checked dict of a train.py checkpoint (on the CPU). Anything wrong with the file is a ValueError
-    with a one-line message naming it; keys model_args lacks are settings added later (their defaults)."""
+    with a one-line message naming it; keys model_args lacks are settings added later (their defaults).
+    need: further keys the caller uses (resuming needs the optimizer, data position ...)."""
     import torch
     from model import GPTConfig
     if not os.path.exists(path):
@@ -80,6 +81,9 @@ def load_checkpoint(path):
     unknown = sorted(ckpt["model_args"].keys() - {f for f in GPTConfig.__dataclass_fields__})
     if unknown:
         raise ValueError(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}")
+    missing = [k for k in need if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} has no {missing[0]!r}: it cannot be resumed, only evaluated or sampled from")
     return ckpt
 
 

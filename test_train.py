@@ -1,6 +1,7 @@
 """Tests of train.py and its data path (CPU).   python -m pytest -q test_train.py"""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -88,6 +89,51 @@ def test_scratch_run_refuses_to_replace_a_checkpoint(tmp_path, data):
     train(*common, "--max_iters=2", "--overwrite=True")  # replaces both: the log holds the new run only
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 2
     assert [r["iter"] for r in read_log(str(tmp_path))] == [0, 1, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """A 2-step tiny run: (its args without out_dir, its out_dir). Tests copy it before changing it."""
+    out = str(tmp_path_factory.mktemp("trained"))
+    args = [*TINY, f"--data_dir={data}", "--eval_interval=100", "--eval_loops=1"]
+    train(*args, f"--out_dir={out}", "--max_iters=2")
+    return args, out
+
+
+def damage(path, kind):
+    if kind == "empty":
+        open(path, "wb").close()
+    elif kind == "truncated":
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[:len(blob) // 2])
+    else:
+        ckpt = torch.load(path, weights_only=True)
+        if kind == "no data_pos":
+            del ckpt["data_pos"]
+        else:  # a weight of another shape than model_args says
+            ckpt["model"]["wte.weight"] = ckpt["model"]["wte.weight"][:, :16].clone()
+        torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("kind,words", [("empty", ["empty", "0 bytes"]), ("truncated", ["cannot read"]),
+                                        ("no data_pos", ["data_pos", "cannot be resumed"]),
+                                        ("shapes", ["does not fit", "wte"])])
+@pytest.mark.parametrize("mode", ["--init_from=resume", "--eval_only=True"])
+def test_bad_checkpoint_is_one_line_error(tmp_path, trained, kind, words, mode):
+    if kind == "no data_pos" and mode == "--eval_only=True":
+        words = None  # evaluating needs only the weights
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    damage(str(out / "ckpt.pt"), kind)
+    before = (out / "ckpt.pt").read_bytes()
+    r = train(*args, f"--out_dir={out}", "--max_iters=4", mode, check=False)
+    if words is None:
+        assert r.returncode == 0 and "T=1 " in r.stdout, r.stderr
+    else:
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "ckpt.pt" in r.stderr and all(w in r.stderr for w in words), r.stderr
+    assert (out / "ckpt.pt").read_bytes() == before  # nothing written over it
 
 
 # loader --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
+from configurator import configure, load_checkpoint, model_from_checkpoint
 from model import GPT, GPTConfig
 from prepare_fineweb import open_shard, read_batch
 
@@ -98,6 +98,14 @@ if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and no
     # a trained model is not replaced by accident: say the three ways on
     raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
                      f"--out_dir=..., or replace it and its log.jsonl with --overwrite=True")
+if init_from not in ("scratch", "resume"):
+    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+ckpt = None
+if init_from == "resume" or eval_only:  # checked before anything else is loaded
+    try:
+        ckpt = load_checkpoint(ckpt_path, need=() if eval_only else ("iter_num", "data_pos", "optimizer", "rng"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 
 # distributed setup: one process per device, launched by torchrun
@@ -155,34 +163,32 @@ if val_seqs == 0:
 data_pos = [0, 0]  # (shard, offset) of the next global micro-batch
 
 # model: from scratch or resumed
-iter_num, ckpt = 0, None
-if init_from == "resume" or eval_only:
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"no checkpoint at {ckpt_path} to resume from")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    changed = {k: (v, model_args.get(k)) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
-    if changed:
-        log(f"using the checkpoint's model settings, not the config's: {changed}")
-    model_args = ckpt["model_args"]
-    iter_num, data_pos = ckpt["iter_num"], list(ckpt["data_pos"])
-elif init_from != "scratch":
-    raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+iter_num = 0
 try:
-    model = GPT(GPTConfig(**model_args))
-except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint from another version
+    if ckpt is None:
+        model = GPT(GPTConfig(**model_args))
+    else:
+        changed = {k: (v, model_args.get(k)) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
+        if changed:
+            log(f"using the checkpoint's model settings, not the config's: {changed}")
+        model = model_from_checkpoint(ckpt, ckpt_path)
+        iter_num, data_pos = ckpt.get("iter_num", 0), list(ckpt.get("data_pos", data_pos))
+except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint that does not fit this model.py
     raise SystemExit(f"error: {e}") from None
-if ckpt is not None:
-    model.load_state_dict(ckpt["model"])
 model.to(device)
 raw_model = model
 optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
 if ckpt is not None and not eval_only:
-    for opt, state in zip(optimizers, ckpt["optimizer"]):
-        opt.load_state_dict(state)
-    rng = ckpt["rng"][rank % len(ckpt["rng"])]  # this rank's depth and h0 draws continue where they stopped
-    torch.set_rng_state(rng["cpu"])
-    if device_type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
+    try:
+        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+            opt.load_state_dict(state)
+        rng = ckpt["rng"][rank % len(ckpt["rng"])]  # this rank's depth and h0 draws continue where they stopped
+        torch.set_rng_state(rng["cpu"])
+        if device_type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    except (ValueError, KeyError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise SystemExit(f"error: {ckpt_path}: its optimizer or RNG state does not fit this model: "
+                         f"{' '.join(str(e).split()) or type(e).__name__}") from None
 del ckpt
 for opt, peak in zip(optimizers, (muon_lr, adam_lr)):
     for group in opt.param_groups:
