@@ -136,6 +136,27 @@ def test_bad_checkpoint_is_one_line_error(tmp_path, trained, kind, words, mode):
     assert (out / "ckpt.pt").read_bytes() == before  # nothing written over it
 
 
+def test_resume_says_what_it_does(tmp_path, trained):
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    ckpt, log = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_text()
+    for max_iters in (1, 2):  # at or below the checkpoint's iter 2: nothing to do is an error, not a silent exit 0
+        r = train(*args, f"--out_dir={out}", f"--max_iters={max_iters}", "--init_from=resume", check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert "at iter 2" in r.stderr and "--max_iters=N above 2" in r.stderr, r.stderr
+        assert (out / "ckpt.pt").read_bytes() == ckpt and (out / "log.jsonl").read_text() == log
+    # a run stopped by Ctrl-C after logging iters 3 and 4 but before its next checkpoint
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 3, "loss": 1.0}\n{"iter": 4, "loss": 1.0}\n')
+    r = train(*args, f"--out_dir={out}", "--max_iters=4", "--init_from=resume")
+    assert f"resuming from {out / 'ckpt.pt'} at iter 2 of 4, lr x" in r.stdout
+    assert "max_iters changed 2 -> 4" in r.stdout  # the lr schedule moves: say so
+    assert "dropped 2 records past iter 2" in r.stdout
+    iters = [r["iter"] for r in read_log(str(out)) if "loss" in r]
+    assert iters == [1, 2, 3, 4] and all(r["loss"] != 1.0 for r in read_log(str(out)) if "loss" in r)
+
+
 # loader --------------------------------------------------------------------------------------------
 def test_two_ranks_read_disjoint_slices_of_the_global_batch():
     shards = [np.arange(10_000, dtype=np.uint16), np.arange(20_000, 30_000, dtype=np.uint16)]

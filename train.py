@@ -106,6 +106,10 @@ if init_from == "resume" or eval_only:  # checked before anything else is loaded
         ckpt = load_checkpoint(ckpt_path, need=() if eval_only else ("iter_num", "data_pos", "optimizer", "rng"))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    ckpt_max_iters = ckpt.get("config", {}).get("max_iters")  # what the run's lr schedule was planned for
+    if not eval_only and ckpt["iter_num"] >= max_iters:
+        raise SystemExit(f"error: {ckpt_path} is at iter {ckpt['iter_num']}, max_iters is {max_iters}: nothing to "
+                         f"train; continue with --max_iters=N above {ckpt['iter_num']}, or evaluate with --eval_only=True")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 
 # distributed setup: one process per device, launched by torchrun
@@ -285,10 +289,22 @@ def save_checkpoint():
     os.replace(tmp, ckpt_path)
 
 
+log_path = os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if init_from == "scratch" and not eval_only and os.path.exists(os.path.join(out_dir, "log.jsonl")):
-        os.remove(os.path.join(out_dir, "log.jsonl"))  # a new run starts a new log, never appends to an old one
+    if init_from == "scratch" and not eval_only and os.path.exists(log_path):
+        os.remove(log_path)  # a new run starts a new log, never appends to an old one
+    if init_from == "resume" and not eval_only and os.path.exists(log_path):
+        # steps logged after the last checkpoint (then Ctrl-C or a crash) are run again now: drop the old ones
+        with open(log_path) as f:
+            lines = f.readlines()
+        keep = [l for l in lines if json.loads(l).get("iter", 0) <= iter_num]
+        if len(keep) < len(lines):
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log_path + ".tmp", log_path)
+            log(f"log.jsonl: dropped {len(lines) - len(keep)} records past iter {iter_num}, "
+                f"written after the last checkpoint; those steps run again now")
 if eval_only:
     losses = report_eval()
     if len(losses) >= 3:
@@ -301,6 +317,10 @@ if eval_only:
     sys.exit(0)
 
 # training loop
+if init_from == "resume":
+    note = "" if ckpt_max_iters in (None, max_iters) else \
+        f"; max_iters changed {ckpt_max_iters} -> {max_iters}, so the lr schedule now ends at iter {max_iters}"
+    log(f"resuming from {ckpt_path} at iter {iter_num} of {max_iters}, lr x{lr_mult(iter_num):.3f}{note}")
 bad_steps, start_iter = 0, iter_num
 t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
 model.train()
