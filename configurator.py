@@ -32,18 +32,21 @@ def _parse(text):
 
 
 def configure(settings, argv):
-    """Override the keys of settings (a script's globals) from config files and --key=value args."""
+    """Override the keys of settings (a script's globals) from config files and --key=value args.
+    Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings)."""
     def assign(key, value, where):
         if key not in settings or key.startswith("_"):
             raise ValueError(f"unknown config key {key!r} ({where})")
         settings[key] = _coerce(key, value, settings[key])
 
+    on_command_line = set()
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
                 raise ValueError(f"expected --key=value, got {arg!r}")
             key, text = arg[2:].split("=", 1)
             assign(key, _parse(text), "command line")
+            on_command_line.add(key)
         else:
             scope = {}
             try:
@@ -54,6 +57,7 @@ def configure(settings, argv):
             for key, value in scope.items():
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__spec__"):
                     assign(key, value, arg)
+    return on_command_line
 
 
 def load_checkpoint(path, need=()):

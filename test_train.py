@@ -157,6 +157,25 @@ def test_resume_says_what_it_does(tmp_path, trained):
     assert iters == [1, 2, 3, 4] and all(r["loss"] != 1.0 for r in read_log(str(out)) if "loss" in r)
 
 
+def test_resume_and_eval_only_take_the_runs_settings(tmp_path, trained):
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    env = ["--device=cpu", "--compile=False"]
+    # no config file at all: data_dir, block_size, batch sizes ... come from the checkpoint
+    r = train(f"--out_dir={out}", *env, "--init_from=resume", "--max_iters=3")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("settings from the checkpoint"))
+    assert "block_size=32" in line and "batch_size=4" in line and "data_dir=" in line
+    assert "device=" not in line  # given on the command line: the command line wins
+    assert [r["iter"] for r in read_log(str(out)) if "loss" in r] == [1, 2, 3]
+    # a config file ranks below the checkpoint (tiny.py says block_size 128, data_dir data/sample) ...
+    r = train("config/tiny.py", f"--out_dir={out}", *env, "--eval_only=True")
+    assert "block_size=32" in r.stdout and "T=1 " in r.stdout and "T=4 " not in r.stdout
+    # ... and the command line above both
+    r = train("config/tiny.py", f"--out_dir={out}", *env, "--eval_only=True", "--eval_loops=2")
+    assert "T=2 " in r.stdout and "T=1 " not in r.stdout
+
+
 # loader --------------------------------------------------------------------------------------------
 def test_two_ranks_read_disjoint_slices_of_the_global_batch():
     shards = [np.arange(10_000, dtype=np.uint16), np.arange(20_000, 30_000, dtype=np.uint16)]

@@ -84,7 +84,7 @@ peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = guess from th
 seed = 1337
 # -----------------------------------------------------------------------------
 try:
-    configure(globals(), sys.argv[1:])
+    cli_keys = configure(globals(), sys.argv[1:])
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
@@ -100,12 +100,18 @@ if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and no
                      f"--out_dir=..., or replace it and its log.jsonl with --overwrite=True")
 if init_from not in ("scratch", "resume"):
     raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
-ckpt = None
+ckpt, from_ckpt = None, {}
 if init_from == "resume" or eval_only:  # checked before anything else is loaded
     try:
         ckpt = load_checkpoint(ckpt_path, need=() if eval_only else ("iter_num", "data_pos", "optimizer", "rng"))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    # the run's own settings (data_dir, batch sizes ...) outrank the config file; the command line outranks both
+    saved = {k: v for k, v in ckpt.get("config", {}).items() if k in settings and k not in cli_keys
+             and k not in ("init_from", "eval_only", "overwrite", "out_dir")}
+    from_ckpt = {k: v for k, v in saved.items() if v != settings[k]}
+    globals().update(saved)
+    settings.update(saved)
     ckpt_max_iters = ckpt.get("config", {}).get("max_iters")  # what the run's lr schedule was planned for
     if not eval_only and ckpt["iter_num"] >= max_iters:
         raise SystemExit(f"error: {ckpt_path} is at iter {ckpt['iter_num']}, max_iters is {max_iters}: nothing to "
@@ -208,6 +214,8 @@ if not peak_flops and device_type == "cuda":
     peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
 log(f"{cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M unique parameters, "
     f"{world} process(es), grad_accum {grad_accum}, device {device}, {dtype}, compile {compile}")
+if from_ckpt:
+    log("settings from the checkpoint (--key=value overrides them): " + ", ".join(f"{k}={v!r}" for k, v in from_ckpt.items()))
 
 
 def lr_mult(it):
