@@ -2,6 +2,7 @@
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -174,6 +175,23 @@ def test_resume_and_eval_only_take_the_runs_settings(tmp_path, trained):
     # ... and the command line above both
     r = train("config/tiny.py", f"--out_dir={out}", *env, "--eval_only=True", "--eval_loops=2")
     assert "T=2 " in r.stdout and "T=1 " not in r.stdout
+
+
+def test_ctrl_c_says_what_the_checkpoint_holds(tmp_path, data):
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                          "--max_iters=100000", "--eval_interval=2", "--eval_loops=1"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:  # wait for the first save, then press Ctrl-C
+        lines.append(line)
+        if line.startswith("saved "):
+            break
+    assert lines[-1] == f"saved {tmp_path / 'ckpt.pt'} at iter 2\n", lines
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    held = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"]
+    assert err.startswith("interrupted at iter ") and f"ckpt.pt holds iter {held}: continue with --init_from=resume" in err
 
 
 # loader --------------------------------------------------------------------------------------------

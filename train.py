@@ -19,6 +19,7 @@ import glob
 import json
 import math
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -295,6 +296,9 @@ def save_checkpoint():
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_path)
+    global saved_iter
+    saved_iter = iter_num
+    log(f"saved {ckpt_path} at iter {iter_num}")
 
 
 log_path = os.path.join(out_dir, "log.jsonl")
@@ -325,6 +329,19 @@ if eval_only:
     sys.exit(0)
 
 # training loop
+
+
+def interrupted(signum, frame):
+    """Ctrl-C: one line saying what is on disk instead of a traceback (a save in flight leaves the old file)."""
+    held = f"{ckpt_path} holds iter {saved_iter}: continue with --init_from=resume" if saved_iter is not None \
+        else f"no checkpoint written yet (the first comes at iter {min(eval_interval, max_iters)})"
+    if master:
+        print(f"interrupted at iter {iter_num}; {held}", file=sys.stderr, flush=True)
+    raise SystemExit(130)  # the shell's code for Ctrl-C
+
+
+saved_iter = iter_num if init_from == "resume" else None
+signal.signal(signal.SIGINT, interrupted)
 if init_from == "resume":
     note = "" if ckpt_max_iters in (None, max_iters) else \
         f"; max_iters changed {ckpt_max_iters} -> {max_iters}, so the lr schedule now ends at iter {max_iters}"
