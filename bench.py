@@ -23,7 +23,7 @@ from dataclasses import fields
 
 import torch
 
-from configurator import configure
+from configurator import check_device, configure
 from model import GPT, GPTConfig
 
 
@@ -63,12 +63,11 @@ try:
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}")
 config_name = next((os.path.splitext(os.path.basename(a))[0] for a in argv if not a.startswith("--")), "defaults")
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+try:
+    device, device_type, dtype = check_device(device, dtype)
+except ValueError as e:
+    raise SystemExit(f"bench.py: {e}")
 cuda = device_type == "cuda"
-if dtype == "auto":
-    dtype = "bfloat16" if cuda else "float32"
 if compile is None:
     compile = cuda
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))

@@ -60,6 +60,36 @@ def configure(settings, argv):
     return on_command_line
 
 
+def check_device(device, dtype):
+    """(device, device_type, dtype) with "auto" resolved, checked before any data or model is loaded: a device
+    this machine lacks or an unknown dtype is a one-line ValueError; float16 on a CPU warns (it is emulated)."""
+    import sys
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (":" in device and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU (none here, no driver, or a "
+                         f"CPU-only build): use --device=cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': this machine or torch build has no MPS (Apple GPU) support: use --device=cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if kind == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 support: use --dtype=float32")
+    if kind == "cpu" and dtype == "float16":
+        print("warning: float16 on a CPU is emulated and can be 10x slower than float32 (--dtype=float32)",
+              file=sys.stderr)
+    return device, kind, dtype
+
+
 def load_checkpoint(path, need=()):
     """The checked dict of a train.py checkpoint (on the CPU). Anything wrong with the file is a ValueError
     with a one-line message naming it; keys model_args lacks are settings added later (their defaults).

@@ -24,7 +24,7 @@ from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, load_checkpoint, model_from_checkpoint
+from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
 from prepare_fineweb import EOT, gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -56,17 +56,13 @@ for ok, why in ((num_samples >= 1, f"num_samples must be >= 1, got {num_samples}
                 (cache in ("full", "last"), f"cache must be 'full' or 'last', got {cache!r}"),
                 (exit_criterion in ("none", "kl", "latent"),
                  f"exit_criterion must be 'none', 'kl' or 'latent', got {exit_criterion!r}"),
-                (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True"),
-                (dtype in ("auto", "float32", "bfloat16", "float16"),
-                 f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")):
+                (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True")):
     if not ok:
         raise SystemExit(f"error: {why}")
-
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
+try:
+    device, device_type, dtype = check_device(device, dtype)
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True

@@ -56,6 +56,26 @@ def test_bad_setting_names_the_key(arg, key):
     assert r.returncode != 0 and key in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
+@pytest.mark.parametrize("arg,words", [("--device=gpu", ["unknown device 'gpu'", "cuda:N"]),
+                                       ("--device=cuda:99", ["cuda:99"]), ("--dtype=half", ["dtype", "half"]),
+                                       ("--device=mps", ["mps", "--device=cpu"])])
+def test_device_and_dtype_are_checked_first(tmp_path, script, arg, words):
+    if arg == "--device=mps" and torch.backends.mps.is_available():
+        arg, words = "--device=mps:0", ["unknown device 'mps:0'"]  # still an error on a Mac
+    # before any data or checkpoint is read: neither exists here, yet the message is about the device
+    r = subprocess.run([sys.executable, script, arg, f"--data_dir={tmp_path}" if script == "train.py" else
+                        f"--out_dir={tmp_path}" if script == "sample.py" else "--steps=1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_float16_on_cpu_warns(tmp_path):
+    r = train("--device=cpu", "--dtype=float16", f"--data_dir={tmp_path}", check=False)
+    assert "warning: float16 on a CPU is emulated" in r.stderr and "no train shards" in r.stderr
+
+
 def test_unknown_key_in_config_file(tmp_path):
     cfg = tmp_path / "bad.py"
     cfg.write_text("n_embd = 64\nlearning_rate = 1e-3\n")

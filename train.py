@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure, load_checkpoint, model_from_checkpoint
+from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
 from model import GPT, GPTConfig
 from prepare_fineweb import open_shard, read_batch
 
@@ -92,8 +92,6 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
 if compile not in (None, True, False):
     raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
-if dtype not in ("auto", "bfloat16", "float16", "float32"):
-    raise SystemExit(f"error: config key 'dtype' must be auto, bfloat16, float16 or float32, got {dtype!r}")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
     # a trained model is not replaced by accident: say the three ways on
@@ -120,9 +118,11 @@ if init_from == "resume" or eval_only:  # checked before anything else is loaded
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 
 # distributed setup: one process per device, launched by torchrun
+try:
+    device, device_type, dtype = check_device(device, dtype)
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 ddp = int(os.environ.get("RANK", -1)) != -1
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 if ddp:
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
@@ -132,9 +132,6 @@ if ddp:
 else:
     rank, local_rank, world = 0, 0, 1
 master = rank == 0
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
 if compile is None:
     compile = device_type == "cuda"
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
