@@ -10,7 +10,54 @@ Every argument is either a Python config file (its assignments override the glob
 load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one.
 """
 import ast
+import io
 import os
+import tokenize
+
+
+def script_settings(path):
+    """[(name, default's source text, comment, heading)] of a script's settings: its top-level `name = literal`
+    assignments before its first try: or configure() call. comment: the # text on the same line; heading: a
+    comment-only line just above it (a section title) or None. Read from the source text: no imports needed."""
+    with open(path) as f:
+        src = f.read()
+    comments = {}  # line number -> (comment text, whether the line holds only the comment)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+    settings, last = [], 0
+    for node in ast.parse(src, path).body:
+        if isinstance(node, ast.Try) or "configure(" in (ast.get_source_segment(src, node) or "").split("\n")[0]:
+            break  # everything after this is the script, not settings
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                ast.literal_eval(node.value)
+            except ValueError:
+                continue  # not a literal: not a setting
+            above = [c for n, (c, alone) in comments.items() if last < n < node.lineno and alone and c.strip("-")]
+            comment, alone = comments.get(node.lineno, ("", True))
+            settings.append((node.targets[0].id, ast.get_source_segment(src, node.value), "" if alone else comment,
+                             above[-1] if above else None))
+            last = node.lineno
+    return settings
+
+
+def exit_on_help(path, argv, also=()):
+    """-h/--help: print the script's docstring and every setting with its default and comment, then exit 0.
+    also: other scripts whose settings this one accepts too. Reads only source text: call it before
+    importing torch, and help comes at once."""
+    if not {"-h", "--help"} & set(argv):
+        return
+    with open(path) as f:
+        print((ast.get_docstring(ast.parse(f.read())) or "").strip() + "\n")
+    for p in (path, *also):
+        whose = os.path.basename(p) + (", accepted here too" if p != path else "")
+        print(f"settings of {whose} (--key=value, or `key = value` in a config file):")
+        for name, default, comment, heading in script_settings(p):
+            if heading:
+                print(f"  # {heading}")
+            print((f"  {name} = {default}".ljust(34) + (f" # {comment}" if comment else "")).rstrip())
+    raise SystemExit(0)
 
 
 def _coerce(key, value, default):

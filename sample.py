@@ -18,8 +18,12 @@ the left to its last block_size tokens (with a warning on stderr): the model can
 Samples are printed in full, prompt included; token ids in the padded part of the vocabulary
 (50257 and up, which an undertrained model may still pick) are printed as U+FFFD.
 """
-import os
 import sys
+
+from configurator import exit_on_help
+exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
+
+import os
 from contextlib import nullcontext
 
 import torch
@@ -34,7 +38,7 @@ num_samples = 3                  # samples to draw, one after another
 max_new_tokens = 200             # tokens generated per sample
 temperature = 0.8                # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
 top_k = 200                      # sample among the top_k most likely tokens only; 0 = all of them
-seed = 1337
+seed = 1337                      # sampling is reproducible for a given seed
 device = "auto"                  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1" ...
 dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 elsewhere), "float32", "bfloat16", "float16"
 num_loops = 0                    # test-time loop depth; 0 = the checkpoint's mean_recurrence

@@ -1,6 +1,7 @@
 """Tests of train.py and its data path (CPU).   python -m pytest -q test_train.py"""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -74,6 +75,30 @@ def test_device_and_dtype_are_checked_first(tmp_path, script, arg, words):
 def test_float16_on_cpu_warns(tmp_path):
     r = train("--device=cpu", "--dtype=float16", f"--data_dir={tmp_path}", check=False)
     assert "warning: float16 on a CPU is emulated" in r.stderr and "no train shards" in r.stderr
+
+
+def settings_in(script):
+    """name -> the rest of its line, from the block between the script's two dashed lines."""
+    src = open(os.path.join(ROOT, script)).read().split("# " + "-" * 77 + "\n")[1]
+    return dict(re.findall(r"^(\w+) = (.*)$", src, re.M))
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_setting_before_importing_torch(script, flag):
+    code = ("import runpy, sys\nsys.argv = [%r, %r]\ntry:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit as e:\n    print('exit', e.code)\nprint('torch imported:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code % (script, flag, script)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.rstrip().endswith("exit 0\ntorch imported: False"), r.stdout + r.stderr
+    doc = open(os.path.join(ROOT, script)).read().split('"""')[1].strip()
+    assert r.stdout.startswith(doc.splitlines()[0])
+    lines = r.stdout.splitlines()
+    expect = {**settings_in(script), **(settings_in("train.py") if script == "bench.py" else {})}
+    for name, rest in expect.items():
+        default, _, comment = rest.partition("#")
+        assert any(l.split() [:3] == [name, "=", default.split()[0]] and l.endswith(comment.strip()) for l in lines), name
+    assert any(l.startswith("  overwrite = False ") and "replace" in l for l in lines) == (script != "sample.py")
 
 
 def test_unknown_key_in_config_file(tmp_path):

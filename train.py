@@ -15,12 +15,16 @@ Settings below can be overridden by a config file and then by --key=value:
     python train.py config/tiny.py --init_from=resume           # continue from out_dir/ckpt.pt
     python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
 """
+import sys
+
+from configurator import exit_on_help
+exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
+
 import glob
 import json
 import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -50,27 +54,27 @@ batch_size = 16                  # micro-batch, sequences per device
 block_size = 1024                # sequence length
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation makes up the rest
 # model (GPTConfig fields)
-vocab_size = 50304
-n_embd = 768
-n_head = 12
-n_kv_head = 12
-n_prelude = 2
-n_core = 2
-n_coda = 2
-injection = "diagonal"
-prelude_norm = True
-mean_recurrence = 8
-backprop_depth = 4
-depth_sampling = "sequence"
-state_init = "random"
-rope_base = 10000.0
+vocab_size = 50304               # GPT-2's 50257 tokens padded to a multiple of 64
+n_embd = 768                     # model width d
+n_head = 12                      # query heads
+n_kv_head = 12                   # key/value heads (grouped-query attention; divides n_head)
+n_prelude = 2                    # blocks run once before the loop
+n_core = 2                       # blocks in the loop, the same weights at every step
+n_coda = 2                       # blocks run once after the loop
+injection = "diagonal"           # how the input enters the loop: "add" (naive), "concat" (RDM), "diagonal" (Parcae)
+prelude_norm = True              # RMSNorm the prelude output before injecting it (Parcae)
+mean_recurrence = 8              # mean loop depth T in training; the depth of eval and sampling
+backprop_depth = 4               # backpropagate through the last this many loop steps
+depth_sampling = "sequence"      # "sequence" (Parcae: a depth per sequence), "batch" (RDM), "fixed"
+state_init = "random"            # initial loop state h0 in training: "random" or "zero"
+rope_base = 10000.0              # rotary embedding base
 loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
-# optimizer: Muon for block matrices, AdamW for the rest (SPEC 5)
+# optimizer: Muon for block matrices, AdamW for the rest (Parcae's recipe, README "Full scale")
 max_iters = 5000                 # optimizer steps; the run ends by checkpointing exactly this state
-muon_lr = 0.02
-adam_lr = 8e-3
-adam_betas = (0.8, 0.95)
-adam_eps = 1e-10
+muon_lr = 0.02                   # Muon, for the matrices inside blocks
+adam_lr = 8e-3                   # AdamW, for embedding, norms and injection parameters
+adam_betas = (0.8, 0.95)         # AdamW betas
+adam_eps = 1e-10                 # AdamW eps
 weight_decay = 0.0               # decoupled, Muon matrices only
 grad_clip = 1.0                  # 0 = no clipping (the norm is still computed and checked)
 warmup_iters = 0                 # linear warmup steps
@@ -79,10 +83,10 @@ min_lr_frac = 0.0                # ... to this fraction of the peak
 max_bad_steps = 10               # stop after this many non-finite steps in a row
 # system
 device = "auto"                  # "auto", "cpu", "cuda", "cuda:1", "mps" ...
-dtype = "auto"                   # "auto" (bf16 on CUDA, fp32 elsewhere), "bfloat16", "float32"
+dtype = "auto"                   # "auto" (bf16 on CUDA, fp32 elsewhere), "bfloat16", "float32", "float16"
 compile = None                   # torch.compile each block; None = on for CUDA, off otherwise
 peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = guess from the GPU name
-seed = 1337
+seed = 1337                      # each rank adds its rank
 # -----------------------------------------------------------------------------
 try:
     cli_keys = configure(globals(), sys.argv[1:])
