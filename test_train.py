@@ -101,6 +101,13 @@ def test_help_lists_every_setting_before_importing_torch(script, flag):
     assert any(l.startswith("  overwrite = False ") and "replace" in l for l in lines) == (script != "sample.py")
 
 
+@pytest.mark.parametrize("args,fix", [(["--total_batch_size=1000"], "set --total_batch_size=1024"),
+                                      (["--batch_size=3"], "set --total_batch_size=192 or --batch_size=2")])
+def test_batch_size_error_names_a_value_that_works(tmp_path, args, fix):
+    r = train(*TINY, *args, f"--data_dir={tmp_path}", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().endswith(fix), r.stderr
+
+
 def test_unknown_key_in_config_file(tmp_path):
     cfg = tmp_path / "bad.py"
     cfg.write_text("n_embd = 64\nlearning_rate = 1e-3\n")
@@ -304,6 +311,12 @@ def test_ddp_two_processes_match_gradient_accumulation(tmp_path, data):
     # later steps: the two sums differ in the last fp32 bits (another summation order), and Muon's
     # Newton-Schulz iteration runs in bf16, which turns that into ~1e-4 differences in the loss
     assert all(abs(ls[i] - lm[i]) < 2e-3 for i in ls), (ls, lm)
+
+
+def test_tiny_config_runs_on_two_processes(tmp_path, data):
+    args = ["config/tiny.py", f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_loops=1"]
+    r = train(*args, launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert "2 process(es), grad_accum 1" in r.stdout and "saved" in r.stdout
 
 
 # a real (short) run ------------------------------------------------------------------------------------

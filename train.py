@@ -140,9 +140,12 @@ if compile is None:
     compile = device_type == "cuda"
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 tokens_per_micro = batch_size * block_size * world
-if total_batch_size % tokens_per_micro:
-    raise SystemExit(f"total_batch_size={total_batch_size} is not a multiple of batch_size * block_size * "
-                     f"world_size = {tokens_per_micro}")
+if total_batch_size % tokens_per_micro:  # name a value that works: the next multiple, or a smaller micro-batch
+    fix = f"--total_batch_size={-(-total_batch_size // tokens_per_micro) * tokens_per_micro}"
+    fix += next((f" or --batch_size={b}" for b in range(batch_size - 1, 0, -1)
+                 if total_batch_size % (b * block_size * world) == 0), "")
+    raise SystemExit(f"error: total_batch_size={total_batch_size} is not a multiple of batch_size * block_size * "
+                     f"processes = {batch_size} * {block_size} * {world} = {tokens_per_micro}: set {fix}")
 grad_accum = total_batch_size // tokens_per_micro
 torch.manual_seed(seed + rank)  # ranks draw different depths and initial states
 torch.backends.cuda.matmul.allow_tf32 = True
