@@ -246,6 +246,51 @@ def test_ctrl_c_says_what_the_checkpoint_holds(tmp_path, data):
     assert err.startswith("interrupted at iter ") and f"ckpt.pt holds iter {held}: continue with --init_from=resume" in err
 
 
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_ids_past_vocab_size_are_named(tmp_path, split):
+    d = tmp_path / "data"
+    d.mkdir()
+    for s in ("train", "val"):
+        tokens = np.arange(5000) % 50000
+        if s == split:
+            tokens[700] = 50400  # fits uint16, but not the 50304-row embedding
+        write_shard(str(d / f"x_{s}_00000{int(s == 'train')}.bin"), tokens)
+    r = train(*TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'out'}", "--max_iters=20", "--eval_interval=100",
+              "--eval_loops=1", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "token id 50400" in r.stderr and "vocab_size=50304" in r.stderr
+    assert ("x_train_000001.bin" if split == "train" else "val shards") in r.stderr
+
+
+@pytest.mark.parametrize("arg", ["--eval_loops=0", "--eval_loops=1,0", "--log_interval=0"])
+def test_zero_depths_and_intervals_are_one_line_errors(tmp_path, arg):
+    r = train(*TINY, arg, f"--data_dir={tmp_path}", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert arg[2:].split("=")[0] + " must be" in r.stderr, r.stderr
+
+
+def test_wrap_around_is_announced(tmp_path, data):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(str(d / "x_val_000000.bin"), np.arange(2000) % 50000)
+    write_shard(str(d / "x_train_000001.bin"), np.arange(300) % 50000)  # two micro-batches of 128 tokens
+    r = train(*TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'out'}", "--max_iters=3", "--eval_interval=100",
+              "--eval_loops=1")
+    wraps = [l for l in r.stdout.splitlines() if "wrapped around" in l]
+    assert wraps == ["iter 2: the train data wrapped around to its start: every token from here on is seen again"]
+
+
+def test_logged_train_loss_is_the_mean_over_the_interval(tmp_path, data):
+    common = [*TINY, f"--data_dir={data}", "--max_iters=5", "--eval_interval=100", "--eval_loops=1"]
+    every, pairs = str(tmp_path / "every"), str(tmp_path / "pairs")
+    train(*common, f"--out_dir={every}", "--log_interval=1")
+    train(*common, f"--out_dir={pairs}", "--log_interval=2")
+    a, b = train_losses(every), train_losses(pairs)
+    assert sorted(b) == [2, 4, 5]  # the last interval is one step long
+    expect = {2: (a[1] + a[2]) / 2, 4: (a[3] + a[4]) / 2, 5: a[5]}
+    assert all(abs(b[i] - expect[i]) < 1e-5 for i in b) and b[2] != a[2], (a, b)
+
+
 # loader --------------------------------------------------------------------------------------------
 def test_two_ranks_read_disjoint_slices_of_the_global_batch():
     shards = [np.arange(10_000, dtype=np.uint16), np.arange(20_000, 30_000, dtype=np.uint16)]

@@ -96,6 +96,11 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
 if compile not in (None, True, False):
     raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
+if not all(type(T) is int and T >= 1 for T in eval_loops):
+    raise SystemExit(f"error: eval_loops must be loop depths >= 1, e.g. --eval_loops=1,2,4, got {eval_loops!r}")
+for key in ("eval_interval", "log_interval", "max_iters", "batch_size", "block_size"):
+    if globals()[key] < 1:
+        raise SystemExit(f"error: {key} must be >= 1, got {globals()[key]}")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
     # a trained model is not replaced by accident: say the three ways on
@@ -177,6 +182,19 @@ if val_seqs == 0:
     raise SystemExit(f"the val shards hold {len(val)} tokens, fewer than one batch of every rank")
 data_pos = [0, 0]  # (shard, offset) of the next global micro-batch
 
+
+def next_batch():
+    """read_batch, with two checks: a token id past the embedding (an IndexError deep inside the model
+    otherwise) and the data wrapping around to its start (from then on the model sees tokens again)."""
+    before = list(data_pos)
+    x, y = read_batch(train_shards, data_pos, batch_size, block_size, rank, world)
+    if data_pos == [0, world * batch_size * block_size] and before != [0, 0]:
+        log(f"iter {iter_num}: the train data wrapped around to its start: every token from here on is seen again")
+    if int(y.max()) >= cfg.vocab_size or int(x[0, 0]) >= cfg.vocab_size:  # y holds every token of x but x's first
+        raise SystemExit(f"error: {train_shards[data_pos[0]].filename} holds token id {max(int(y.max()), int(x[0, 0]))}, "
+                         f"not below vocab_size={cfg.vocab_size}: a shard of another tokenizer, or a vocab_size too small")
+    return x, y
+
 # model: from scratch or resumed
 iter_num = 0
 try:
@@ -213,6 +231,9 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 cfg = raw_model.config
+if int(val[:val_seqs * block_size + 1].max()) >= cfg.vocab_size:  # every token evaluate() reads, checked once
+    raise SystemExit(f"error: the val shards in {data_dir} hold token id {int(val.max())}, not below "
+                     f"vocab_size={cfg.vocab_size}: shards of another tokenizer, or a vocab_size too small")
 if not eval_loops:
     eval_loops = tuple(sorted({1, 2, max(1, cfg.mean_recurrence // 2), cfg.mean_recurrence, 2 * cfg.mean_recurrence}))
 if not peak_flops and device_type == "cuda":
@@ -365,16 +386,18 @@ while True:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * lr_mult(iter_num)
-    loss_sum = torch.zeros((), device=device)
+    if iter_num % log_interval == 0 or iter_num == start_iter:  # a new logging interval: its mean train loss
+        loss_sum = torch.zeros((), device=device)
+    step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x, y = read_batch(train_shards, data_pos, batch_size, block_size, rank, world)
+        x, y = next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
         with sync:
             with ctx:
                 _, loss = model(x, y)
             (loss / grad_accum).backward()
-        loss_sum += loss.detach() / grad_accum
+        step_loss += loss.detach() / grad_accum
         n, k = raw_model.last_depths  # MFU counts the loop steps each sequence needed
         useful_flops += raw_model.estimate_flops(block_size, n, k)
         steps_needed, steps_run = steps_needed + int((n + k).sum()), steps_run + raw_model.last_rows_run
@@ -388,6 +411,9 @@ while True:
             raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping (lower the lr, check the data)")
         continue
     bad_steps = 0
+    # the logged loss is the mean over the steps since the last log line, not one micro-batch
+    loss_sum += step_loss / (min((iter_num // log_interval + 1) * log_interval, max_iters)
+                             - max(iter_num // log_interval * log_interval, start_iter))
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
