@@ -20,7 +20,9 @@ token count), then the uint16 tokens. Every document starts with <|endoftext|> (
 """
 
 import argparse
+import base64
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -213,14 +215,31 @@ def read_documents(paths):
             raise ValueError(f"{p}: not valid UTF-8 ({e})") from None
     return docs
 
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
 def gpt2_encoding():
     # tiktoken's "r50k_base" is the GPT-2 BPE (same ranks, regex and <|endoftext|>) stored as
     # one file instead of "gpt2"'s two, so one cached file is enough to work offline
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    plain = os.path.join(cache, "r50k_base.tiktoken")
+    if cache and os.path.isfile(plain):
+        # tiktoken's cache wants the file named by the sha1 of its URL; a copy fetched by hand keeps its
+        # own name, so read that one here: lines of "base64(token bytes) rank"
+        with open(plain, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+            raise SystemExit(f"error: {plain} is not tiktoken's r50k_base.tiktoken (its sha256 differs): "
+                             f"fetch it again from {R50K_URL}")
+        from tiktoken_ext.openai_public import r50k_pat_str
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+        return tiktoken.Encoding("r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:  # offline without the cached file: say what to do, not a traceback
-        raise SystemExit(f"error: cannot load GPT-2's BPE (tiktoken r50k_base): {type(e).__name__}. "
-                         "Offline? Set TIKTOKEN_CACHE_DIR to a folder holding the cached file.") from None
+        raise SystemExit(f"error: cannot load GPT-2's BPE (tiktoken r50k_base): {type(e).__name__}. Offline? "
+                         f"Put r50k_base.tiktoken ({R50K_URL}) in a folder and set TIKTOKEN_CACHE_DIR to it") from None
 
 def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
     """Pack token arrays into shards of at most shard_size tokens; return [(path, count)]."""
