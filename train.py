@@ -12,7 +12,9 @@ Several nodes: the usual torchrun flags (--nnodes, --node_rank, --rdzv_endpoint 
 
 Settings below can be overridden by a config file and then by --key=value:
     python train.py config/tiny.py --max_iters=100 --injection=concat
-    python train.py config/tiny.py --init_from=resume           # continue from out_dir/ckpt.pt
+    python train.py config/tiny.py --init_from=resume           # continue from out_dir/ckpt.pt, with its settings
+    python train.py config/tiny.py --overwrite=True             # start over where a checkpoint exists
+    python train.py --help                                      # every setting, its default and what it does
     python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
 """
 import sys
