@@ -49,14 +49,15 @@ def exit_on_help(path, argv, also=()):
     if not {"-h", "--help"} & set(argv):
         return
     with open(path) as f:
-        print((ast.get_docstring(ast.parse(f.read())) or "").strip() + "\n")
+        lines = [(ast.get_docstring(ast.parse(f.read())) or "").strip(), ""]
     for p in (path, *also):
         whose = os.path.basename(p) + (", accepted here too" if p != path else "")
-        print(f"settings of {whose} (--key=value, or `key = value` in a config file):")
+        lines.append(f"settings of {whose} (--key=value, or `key = value` in a config file):")
         for name, default, comment, heading in script_settings(p):
             if heading:
-                print(f"  # {heading}")
-            print((f"  {name} = {default}".ljust(34) + (f" # {comment}" if comment else "")).rstrip())
+                lines.append(f"  # {heading}")
+            lines.append((f"  {name} = {default}".ljust(34) + (f" # {comment}" if comment else "")).rstrip())
+    print("\n".join(lines), flush=True)  # one write: `--help | head` closing the pipe early finds it done
     raise SystemExit(0)
 
 
