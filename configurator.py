@@ -57,7 +57,10 @@ def exit_on_help(path, argv, also=()):
             if heading:
                 lines.append(f"  # {heading}")
             lines.append((f"  {name} = {default}".ljust(34) + (f" # {comment}" if comment else "")).rstrip())
-    print("\n".join(lines), flush=True)  # one write: `--help | head` closing the pipe early finds it done
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `--help | head` closed the pipe early: fine, but the exit's flush must not retry
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     raise SystemExit(0)
 
 
