@@ -13,39 +13,27 @@ sampled depths, backward, clip, Muon + AdamW step. MFU = useful FLOPs/s (each se
 over the peak of a large matmul measured in the same run. On a CPU shared with other jobs,
 OMP_NUM_THREADS=1 gives far steadier timings.
 """
-import ast
 import os
-import resource
 import sys
+
+from configurator import exit_on_help, script_settings
+TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")  # its settings are accepted here too
+exit_on_help(__file__, sys.argv[1:], also=(TRAIN,))  # before importing torch: --help answers at once
+
+import ast
+import resource
 import time
 from contextlib import nullcontext
 from dataclasses import fields
 
 import torch
 
-from configurator import configure
+from configurator import check_device, configure
 from model import GPT, GPTConfig
 
 
-def train_settings(path):
-    """train.py's settings: its top-level `name = literal` assignments before configure() is called."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    settings = {}
-    for node in tree.body:
-        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and \
-                getattr(node.value.func, "id", None) == "configure":
-            break  # everything after this is the training script, not settings
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            try:
-                settings[node.targets[0].id] = ast.literal_eval(node.value)
-            except ValueError:
-                pass  # not a literal: not a setting
-    return settings
-
-
 # -----------------------------------------------------------------------------
-globals().update(train_settings(os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")))
+globals().update({name: ast.literal_eval(default) for name, default, _, _ in script_settings(TRAIN)})
 steps = 10                # timed training steps
 warmup = 3                # untimed training steps first (compilation, allocator)
 compare = False           # also run the fixed-depth baseline with the same blocks
@@ -63,12 +51,11 @@ try:
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}")
 config_name = next((os.path.splitext(os.path.basename(a))[0] for a in argv if not a.startswith("--")), "defaults")
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+try:
+    device, device_type, dtype = check_device(device, dtype)
+except ValueError as e:
+    raise SystemExit(f"bench.py: {e}")
 cuda = device_type == "cuda"
-if dtype == "auto":
-    dtype = "bfloat16" if cuda else "float32"
 if compile is None:
     compile = cuda
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))

@@ -10,7 +10,58 @@ Every argument is either a Python config file (its assignments override the glob
 load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one.
 """
 import ast
+import io
 import os
+import tokenize
+
+
+def script_settings(path):
+    """[(name, default's source text, comment, heading)] of a script's settings: its top-level `name = literal`
+    assignments before its first try: or configure() call. comment: the # text on the same line; heading: a
+    comment-only line just above it (a section title) or None. Read from the source text: no imports needed."""
+    with open(path) as f:
+        src = f.read()
+    comments = {}  # line number -> (comment text, whether the line holds only the comment)
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+    settings, last = [], 0
+    for node in ast.parse(src, path).body:
+        if isinstance(node, ast.Try) or "configure(" in (ast.get_source_segment(src, node) or "").split("\n")[0]:
+            break  # everything after this is the script, not settings
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                ast.literal_eval(node.value)
+            except ValueError:
+                continue  # not a literal: not a setting
+            above = [c for n, (c, alone) in comments.items() if last < n < node.lineno and alone and c.strip("-")]
+            comment, alone = comments.get(node.lineno, ("", True))
+            settings.append((node.targets[0].id, ast.get_source_segment(src, node.value), "" if alone else comment,
+                             above[-1] if above else None))
+            last = node.lineno
+    return settings
+
+
+def exit_on_help(path, argv, also=()):
+    """-h/--help: print the script's docstring and every setting with its default and comment, then exit 0.
+    also: other scripts whose settings this one accepts too. Reads only source text: call it before
+    importing torch, and help comes at once."""
+    if not {"-h", "--help"} & set(argv):
+        return
+    with open(path) as f:
+        lines = [(ast.get_docstring(ast.parse(f.read())) or "").strip(), ""]
+    for p in (path, *also):
+        whose = os.path.basename(p) + (", accepted here too" if p != path else "")
+        lines.append(f"settings of {whose} (--key=value, or `key = value` in a config file):")
+        for name, default, comment, heading in script_settings(p):
+            if heading:
+                lines.append(f"  # {heading}")
+            lines.append((f"  {name} = {default}".ljust(34) + (f" # {comment}" if comment else "")).rstrip())
+    try:
+        print("\n".join(lines), flush=True)
+    except BrokenPipeError:  # `--help | head` closed the pipe early: fine, but the exit's flush must not retry
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    raise SystemExit(0)
 
 
 def _coerce(key, value, default):
@@ -32,18 +83,21 @@ def _parse(text):
 
 
 def configure(settings, argv):
-    """Override the keys of settings (a script's globals) from config files and --key=value args."""
+    """Override the keys of settings (a script's globals) from config files and --key=value args.
+    Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings)."""
     def assign(key, value, where):
         if key not in settings or key.startswith("_"):
             raise ValueError(f"unknown config key {key!r} ({where})")
         settings[key] = _coerce(key, value, settings[key])
 
+    on_command_line = set()
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
                 raise ValueError(f"expected --key=value, got {arg!r}")
             key, text = arg[2:].split("=", 1)
             assign(key, _parse(text), "command line")
+            on_command_line.add(key)
         else:
             scope = {}
             try:
@@ -54,11 +108,43 @@ def configure(settings, argv):
             for key, value in scope.items():
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__spec__"):
                     assign(key, value, arg)
+    return on_command_line
 
 
-def load_checkpoint(path):
+def check_device(device, dtype):
+    """(device, device_type, dtype) with "auto" resolved, checked before any data or model is loaded: a device
+    this machine lacks or an unknown dtype is a one-line ValueError; float16 on a CPU warns (it is emulated)."""
+    import sys
+    import torch
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (":" in device and (kind != "cuda" or not index.isdigit())):
+        raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: torch {torch.__version__} sees no CUDA GPU (none here, no driver, or a "
+                         f"CPU-only build): use --device=cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device 'mps': this machine or torch build has no MPS (Apple GPU) support: use --device=cpu")
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" else "float32"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
+    if kind == "cuda" and dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bfloat16 support: use --dtype=float32")
+    if kind == "cpu" and dtype == "float16":
+        print("warning: float16 on a CPU is emulated and can be 10x slower than float32 (--dtype=float32)",
+              file=sys.stderr)
+    return device, kind, dtype
+
+
+def load_checkpoint(path, need=()):
     """The checked dict of a train.py checkpoint (on the CPU). Anything wrong with the file is a ValueError
-    with a one-line message naming it; keys model_args lacks are settings added later (their defaults)."""
+    with a one-line message naming it; keys model_args lacks are settings added later (their defaults).
+    need: further keys the caller uses (resuming needs the optimizer, data position ...)."""
     import torch
     from model import GPTConfig
     if not os.path.exists(path):
@@ -80,6 +166,9 @@ def load_checkpoint(path):
     unknown = sorted(ckpt["model_args"].keys() - {f for f in GPTConfig.__dataclass_fields__})
     if unknown:
         raise ValueError(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}")
+    missing = [k for k in need if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path} has no {missing[0]!r}: it cannot be resumed, only evaluated or sampled from")
     return ckpt
 
 

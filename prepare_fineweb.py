@@ -8,6 +8,8 @@ Interrupted downloads resume where they stopped; finished files are skipped.
 
 Tokenize your own UTF-8 text (one document per file, .jsonl: one {"text": ...} per line):
     python prepare_fineweb.py --text a.txt b.jsonl --name mydata   # -> data/mydata/
+A single document (one long .txt, like nanoGPT's Shakespeare) is split by tokens: the last
+--val_fraction of them become val.
 
 Offline sample built from the Python docs that ship with Python (seconds; the only thing
 it may fetch is tiktoken's GPT-2 BPE file, once, unless TIKTOKEN_CACHE_DIR has it):
@@ -18,7 +20,9 @@ token count), then the uint16 tokens. Every document starts with <|endoftext|> (
 """
 
 import argparse
+import base64
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -196,7 +200,10 @@ def read_documents(paths):
             with open(p, encoding="utf-8", newline="") as f:
                 if not p.endswith(".jsonl"):
                     docs.append(f.read())
+                    if not docs[-1].strip():
+                        raise ValueError(f"{p}: empty file, nothing to tokenize")
                     continue
+                n = len(docs)
                 for i, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -204,18 +211,37 @@ def read_documents(paths):
                         docs.append(json.loads(line)["text"])
                     except (json.JSONDecodeError, KeyError, TypeError):
                         raise ValueError(f"{p}:{i}: expected a JSON object with a 'text' field") from None
+                if len(docs) == n:
+                    raise ValueError(f"{p}: no documents in it, nothing to tokenize")
         except UnicodeDecodeError as e:
             raise ValueError(f"{p}: not valid UTF-8 ({e})") from None
     return docs
 
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
+R50K_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
 def gpt2_encoding():
     # tiktoken's "r50k_base" is the GPT-2 BPE (same ranks, regex and <|endoftext|>) stored as
     # one file instead of "gpt2"'s two, so one cached file is enough to work offline
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR", "")
+    plain = os.path.join(cache, "r50k_base.tiktoken")
+    if cache and os.path.isfile(plain):
+        # tiktoken's cache wants the file named by the sha1 of its URL; a copy fetched by hand keeps its
+        # own name, so read that one here: lines of "base64(token bytes) rank"
+        with open(plain, "rb") as f:
+            data = f.read()
+        if hashlib.sha256(data).hexdigest() != R50K_SHA256:
+            raise SystemExit(f"error: {plain} is not tiktoken's r50k_base.tiktoken (its sha256 differs): "
+                             f"fetch it again from {R50K_URL}")
+        from tiktoken_ext.openai_public import r50k_pat_str
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in (line.split() for line in data.splitlines() if line)}
+        return tiktoken.Encoding("r50k_base", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
     try:
         return tiktoken.get_encoding("r50k_base")
     except Exception as e:  # offline without the cached file: say what to do, not a traceback
-        raise SystemExit(f"error: cannot load GPT-2's BPE (tiktoken r50k_base): {type(e).__name__}. "
-                         "Offline? Set TIKTOKEN_CACHE_DIR to a folder holding the cached file.") from None
+        raise SystemExit(f"error: cannot load GPT-2's BPE (tiktoken r50k_base): {type(e).__name__}. Offline? "
+                         f"Put r50k_base.tiktoken ({R50K_URL}) in a folder and set TIKTOKEN_CACHE_DIR to it") from None
 
 def token_byte_lengths(vocab_size):
     """UTF-8 bytes of each GPT-2 token id, (vocab_size,) int64, for bits per byte. <|endoftext|> and the
@@ -251,13 +277,12 @@ def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
     return written
 
 def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=None, shard_size=SHARD_SIZE):
-    """GPT-2 tokenize docs into NAME_val_000000.bin (first docs) and NAME_train_000001.bin ..."""
-    if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents (one for val, one for train), got {len(docs)}")
+    """GPT-2 tokenize docs into NAME_val_000000.bin (first docs) and NAME_train_000001.bin ...
+    One document alone is split by tokens instead: its last val_fraction goes to val."""
+    if not docs:
+        raise ValueError("no documents to tokenize")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    n_val = val_docs if val_docs is not None else round(len(docs) * val_fraction)
-    n_val = min(max(n_val, 1), len(docs) - 1)  # both splits get at least one document
     enc = gpt2_encoding()
     os.makedirs(out_dir, exist_ok=True)
     bar = tqdm(total=len(docs), desc=f"tokenizing {name}", unit="doc")
@@ -266,14 +291,25 @@ def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=No
             # encode_ordinary: a literal "<|endoftext|>" in the text stays plain text
             yield np.array([EOT] + enc.encode_ordinary(d), dtype=np.uint16)
             bar.update(1)
-    splits = {"val": write_shards(tokens(docs[:n_val]), out_dir, f"{name}_val", 0, shard_size),
-              "train": write_shards(tokens(docs[n_val:]), out_dir, f"{name}_train", 1, shard_size)}
+    if len(docs) == 1:  # one long text: val is its tail, which starts with <|endoftext|> like every document
+        whole = next(tokens(docs))
+        if len(whole) < 3:
+            raise ValueError(f"the text is {len(whole) - 1} token(s) long, too short to split into val and train")
+        cut = len(whole) - min(max(round((len(whole) - 1) * val_fraction), 1), len(whole) - 2)
+        val, train = [np.concatenate([[EOT], whole[cut:]]).astype(np.uint16)], [whole[:cut]]
+        counts = {"val": "the last part of 1 document", "train": "the rest of it"}
+    else:
+        n_val = val_docs if val_docs is not None else round(len(docs) * val_fraction)
+        n_val = min(max(n_val, 1), len(docs) - 1)  # both splits get at least one document
+        val, train = tokens(docs[:n_val]), tokens(docs[n_val:])
+        counts = {"val": f"{n_val} documents", "train": f"{len(docs) - n_val} documents"}
+    splits = {"val": write_shards(val, out_dir, f"{name}_val", 0, shard_size),
+              "train": write_shards(train, out_dir, f"{name}_train", 1, shard_size)}
     bar.close()
     for split, shards in splits.items():
         for path, count in shards:
             print(f"{path}: {count:,} tokens")
-        docs_in = n_val if split == "val" else len(docs) - n_val
-        print(f"{split}: {docs_in} documents, {sum(c for _, c in shards):,} tokens")
+        print(f"{split}: {counts[split]}, {sum(c for _, c in shards):,} tokens")
     return splits
 
 def tokenize_files(paths, out_dir, name="text", **kwargs):

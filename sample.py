@@ -18,13 +18,17 @@ the left to its last block_size tokens (with a warning on stderr): the model can
 Samples are printed in full, prompt included; token ids in the padded part of the vocabulary
 (50257 and up, which an undertrained model may still pick) are printed as U+FFFD.
 """
-import os
 import sys
+
+from configurator import exit_on_help
+exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
+
+import os
 from contextlib import nullcontext
 
 import torch
 
-from configurator import configure, load_checkpoint, model_from_checkpoint
+from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
 from prepare_fineweb import EOT, gpt2_encoding
 
 # -----------------------------------------------------------------------------
@@ -34,7 +38,7 @@ num_samples = 3                  # samples to draw, one after another
 max_new_tokens = 200             # tokens generated per sample
 temperature = 0.8                # 1.0 = the model's distribution, lower = more conservative, 0 = greedy
 top_k = 200                      # sample among the top_k most likely tokens only; 0 = all of them
-seed = 1337
+seed = 1337                      # sampling is reproducible for a given seed
 device = "auto"                  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1" ...
 dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 elsewhere), "float32", "bfloat16", "float16"
 num_loops = 0                    # test-time loop depth; 0 = the checkpoint's mean_recurrence
@@ -56,17 +60,13 @@ for ok, why in ((num_samples >= 1, f"num_samples must be >= 1, got {num_samples}
                 (cache in ("full", "last"), f"cache must be 'full' or 'last', got {cache!r}"),
                 (exit_criterion in ("none", "kl", "latent"),
                  f"exit_criterion must be 'none', 'kl' or 'latent', got {exit_criterion!r}"),
-                (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True"),
-                (dtype in ("auto", "float32", "bfloat16", "float16"),
-                 f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")):
+                (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True")):
     if not ok:
         raise SystemExit(f"error: {why}")
-
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
+try:
+    device, device_type, dtype = check_device(device, dtype)
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True

@@ -280,3 +280,54 @@ def test_sample(tmp_path):
     assert len(train) > 50_000 and len(val) > 1000
     assert train[0] == pf.EOT and val[0] == pf.EOT
     assert int(train.max()) < 50257
+
+def run_prepare(tmp_path, *args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), *args], capture_output=True,
+                          text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
+
+def test_text_cli_one_long_file_is_split_by_tokens(tmp_path):
+    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(200))
+    (tmp_path / "book.txt").write_text(text)
+    r = run_prepare(tmp_path, "--text", "book.txt", "--out_dir", "out", "--name", "book")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out"
+    assert sorted(os.listdir(out)) == ["book_train_000001.bin", "book_val_000000.bin"]
+    val, train = (pf.open_shard(str(out / f)) for f in ("book_val_000000.bin", "book_train_000001.bin"))
+    whole = [pf.EOT] + pf.gpt2_encoding().encode_ordinary(text)
+    assert train.tolist() + val.tolist()[1:] == whole and val[0] == pf.EOT  # nothing lost, nothing repeated
+    assert abs(len(val) - 1 - 0.1 * (len(whole) - 1)) <= 1  # the default val_fraction of the tokens
+
+@pytest.mark.parametrize("content", ["", "  \n\n", "\n\n"])
+def test_text_cli_empty_file_is_refused_by_name(tmp_path, content):
+    (tmp_path / "good.txt").write_text("Some text.")
+    (tmp_path / "blank.txt").write_text(content)
+    r = run_prepare(tmp_path, "--text", "good.txt", "blank.txt", "--out_dir", "out")
+    assert r.returncode != 0 and r.stderr.strip() == "error: blank.txt: empty file, nothing to tokenize"
+    assert not (tmp_path / "out").exists()  # no shards written
+
+def test_text_cli_empty_jsonl_is_refused_by_name(tmp_path):
+    (tmp_path / "none.jsonl").write_text("\n\n")
+    r = run_prepare(tmp_path, "--text", "none.jsonl", "--out_dir", "out")
+    assert r.returncode != 0 and r.stderr.strip() == "error: none.jsonl: no documents in it, nothing to tokenize"
+
+def encode_offline(tmp_path, cache):
+    """GPT-2 BPE of 'hello world' in a subprocess with only `cache` as tiktoken's cache and no network."""
+    env = dict(os.environ, TIKTOKEN_CACHE_DIR=str(cache), HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    return subprocess.run([sys.executable, "-c", "import prepare_fineweb as pf; print(pf.gpt2_encoding().encode('hello world'))"],
+                          cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+
+def test_tokenizer_file_under_its_own_name_works_offline(tmp_path):
+    cached = [f for f in os.listdir(os.environ["TIKTOKEN_CACHE_DIR"]) if len(f) == 40]  # sha1-named by tiktoken
+    assert cached, "the test needs tiktoken's cached r50k_base file"
+    (tmp_path / "r50k_base.tiktoken").write_bytes(open(os.path.join(os.environ["TIKTOKEN_CACHE_DIR"], cached[0]), "rb").read())
+    r = encode_offline(tmp_path, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "[31373, 995]", r.stderr
+    assert os.listdir(tmp_path) == ["r50k_base.tiktoken"]  # nothing written next to it
+
+def test_tokenizer_missing_or_wrong_file_is_one_line_error(tmp_path):
+    r = encode_offline(tmp_path, tmp_path)  # empty cache, no network
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "r50k_base.tiktoken" in r.stderr and "TIKTOKEN_CACHE_DIR" in r.stderr
+    (tmp_path / "r50k_base.tiktoken").write_text("not a BPE file\n")
+    r = encode_offline(tmp_path, tmp_path)
+    assert r.returncode != 0 and "sha256 differs" in r.stderr and len(r.stderr.strip().splitlines()) == 1

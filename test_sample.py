@@ -149,3 +149,11 @@ def test_incompatible_checkpoint(tmp_path, kind):
 @pytest.mark.parametrize("arg, words", [("--bogus=1", ["unknown", "bogus"]), ("--cache=half", ["cache", "half"])])
 def test_bad_settings(out_dir, arg, words):
     check_error(sample(f"--out_dir={out_dir}", arg), *words)
+
+
+@pytest.mark.parametrize("kind, words", [("empty", ["empty", "0 bytes"]), ("truncated", ["cannot read"])])
+def test_unreadable_checkpoint(tmp_path, kind, words):
+    path = save_checkpoint(tmp_path)
+    blob = open(os.path.join(path, "ckpt.pt"), "rb").read()
+    open(os.path.join(path, "ckpt.pt"), "wb").write(b"" if kind == "empty" else blob[:len(blob) // 2])
+    check_error(sample(f"--out_dir={path}"), "ckpt.pt", *words)

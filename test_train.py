@@ -2,6 +2,9 @@
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -28,8 +31,11 @@ def data(tmp_path_factory):
     return str(path)
 
 
+ENV = dict(os.environ, OMP_NUM_THREADS="1")  # one thread per process: far faster on a busy machine for models this small
+
+
 def train(*args, check=True, launcher=(sys.executable,)):
-    r = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([*launcher, "train.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     if check and r.returncode != 0:
         raise AssertionError(f"train.py failed:\n{r.stdout}\n{r.stderr}")
     return r
@@ -53,6 +59,57 @@ def test_bad_setting_names_the_key(arg, key):
     assert r.returncode != 0 and key in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
+@pytest.mark.parametrize("arg,words", [("--device=gpu", ["unknown device 'gpu'", "cuda:N"]),
+                                       ("--device=cuda:99", ["cuda:99"]), ("--dtype=half", ["dtype", "half"]),
+                                       ("--device=mps", ["mps", "--device=cpu"])])
+def test_device_and_dtype_are_checked_first(tmp_path, script, arg, words):
+    if arg == "--device=mps" and torch.backends.mps.is_available():
+        arg, words = "--device=mps:0", ["unknown device 'mps:0'"]  # still an error on a Mac
+    # before any data or checkpoint is read: neither exists here, yet the message is about the device
+    r = subprocess.run([sys.executable, script, arg, f"--data_dir={tmp_path}" if script == "train.py" else
+                        f"--out_dir={tmp_path}" if script == "sample.py" else "--steps=1"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert all(w in r.stderr for w in words), r.stderr
+
+
+def test_float16_on_cpu_warns(tmp_path):
+    r = train("--device=cpu", "--dtype=float16", f"--data_dir={tmp_path}", check=False)
+    assert "warning: float16 on a CPU is emulated" in r.stderr and "no train shards" in r.stderr
+
+
+def settings_in(script):
+    """name -> the rest of its line, from the block between the script's two dashed lines."""
+    src = open(os.path.join(ROOT, script)).read().split("# " + "-" * 77 + "\n")[1]
+    return dict(re.findall(r"^(\w+) = (.*)$", src, re.M))
+
+
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_setting_before_importing_torch(script, flag):
+    code = ("import runpy, sys\nsys.argv = [%r, %r]\ntry:\n    runpy.run_path(%r, run_name='__main__')\n"
+            "except SystemExit as e:\n    print('exit', e.code)\nprint('torch imported:', 'torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code % (script, flag, script)], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.rstrip().endswith("exit 0\ntorch imported: False"), r.stdout + r.stderr
+    doc = open(os.path.join(ROOT, script)).read().split('"""')[1].strip()
+    assert r.stdout.startswith(doc.splitlines()[0])
+    lines = r.stdout.splitlines()
+    expect = {**settings_in(script), **(settings_in("train.py") if script == "bench.py" else {})}
+    for name, rest in expect.items():
+        default, _, comment = rest.partition("#")
+        assert any(l.split() [:3] == [name, "=", default.split()[0]] and l.endswith(comment.strip()) for l in lines), name
+    assert any(l.startswith("  overwrite = False ") and "replace" in l for l in lines) == (script != "sample.py")
+
+
+@pytest.mark.parametrize("args,fix", [(["--total_batch_size=1000"], "set --total_batch_size=1024"),
+                                      (["--batch_size=3"], "set --total_batch_size=192 or --batch_size=2")])
+def test_batch_size_error_names_a_value_that_works(tmp_path, args, fix):
+    r = train(*TINY, *args, f"--data_dir={tmp_path}", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().endswith(fix), r.stderr
+
+
 def test_unknown_key_in_config_file(tmp_path):
     cfg = tmp_path / "bad.py"
     cfg.write_text("n_embd = 64\nlearning_rate = 1e-3\n")
@@ -74,6 +131,166 @@ def test_bad_shard_is_named(tmp_path, data):
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data):
     r = train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--init_from=resume", check=False)
     assert r.returncode != 0 and "ckpt.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_scratch_run_refuses_to_replace_a_checkpoint(tmp_path, data):
+    common = [*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--eval_interval=100"]
+    train(*common, "--max_iters=3")
+    ckpt, log = (tmp_path / "ckpt.pt").read_bytes(), (tmp_path / "log.jsonl").read_text()
+    r = train(*common, "--max_iters=2", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert all(way in r.stderr for way in ("--init_from=resume", "--out_dir=", "--overwrite=True"))
+    assert (tmp_path / "ckpt.pt").read_bytes() == ckpt and (tmp_path / "log.jsonl").read_text() == log
+    train(*common, "--max_iters=2", "--overwrite=True")  # replaces both: the log holds the new run only
+    assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 2
+    assert [r["iter"] for r in read_log(str(tmp_path))] == [0, 1, 2, 2]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data):
+    """A 2-step tiny run: (its args without out_dir, its out_dir). Tests copy it before changing it."""
+    out = str(tmp_path_factory.mktemp("trained"))
+    args = [*TINY, f"--data_dir={data}", "--eval_interval=100", "--eval_loops=1"]
+    train(*args, f"--out_dir={out}", "--max_iters=2")
+    return args, out
+
+
+def damage(path, kind):
+    if kind == "empty":
+        open(path, "wb").close()
+    elif kind == "truncated":
+        blob = open(path, "rb").read()
+        open(path, "wb").write(blob[:len(blob) // 2])
+    else:
+        ckpt = torch.load(path, weights_only=True)
+        if kind == "no data_pos":
+            del ckpt["data_pos"]
+        else:  # a weight of another shape than model_args says
+            ckpt["model"]["wte.weight"] = ckpt["model"]["wte.weight"][:, :16].clone()
+        torch.save(ckpt, path)
+
+
+@pytest.mark.parametrize("kind,words", [("empty", ["empty", "0 bytes"]), ("truncated", ["cannot read"]),
+                                        ("no data_pos", ["data_pos", "cannot be resumed"]),
+                                        ("shapes", ["does not fit", "wte"])])
+@pytest.mark.parametrize("mode", ["--init_from=resume", "--eval_only=True"])
+def test_bad_checkpoint_is_one_line_error(tmp_path, trained, kind, words, mode):
+    if kind == "no data_pos" and mode == "--eval_only=True":
+        words = None  # evaluating needs only the weights
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    damage(str(out / "ckpt.pt"), kind)
+    before = (out / "ckpt.pt").read_bytes()
+    r = train(*args, f"--out_dir={out}", "--max_iters=4", mode, check=False)
+    if words is None:
+        assert r.returncode == 0 and "T=1 " in r.stdout, r.stderr
+    else:
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "ckpt.pt" in r.stderr and all(w in r.stderr for w in words), r.stderr
+    assert (out / "ckpt.pt").read_bytes() == before  # nothing written over it
+
+
+def test_resume_says_what_it_does(tmp_path, trained):
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    ckpt, log = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_text()
+    for max_iters in (1, 2):  # at or below the checkpoint's iter 2: nothing to do is an error, not a silent exit 0
+        r = train(*args, f"--out_dir={out}", f"--max_iters={max_iters}", "--init_from=resume", check=False)
+        assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert "at iter 2" in r.stderr and "--max_iters=N above 2" in r.stderr, r.stderr
+        assert (out / "ckpt.pt").read_bytes() == ckpt and (out / "log.jsonl").read_text() == log
+    # a run stopped by Ctrl-C after logging iters 3 and 4 but before its next checkpoint
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"iter": 3, "loss": 1.0}\n{"iter": 4, "loss": 1.0}\n')
+    r = train(*args, f"--out_dir={out}", "--max_iters=4", "--init_from=resume")
+    assert f"resuming from {out / 'ckpt.pt'} at iter 2 of 4, lr x" in r.stdout
+    assert "max_iters changed 2 -> 4" in r.stdout  # the lr schedule moves: say so
+    assert "dropped 2 records past iter 2" in r.stdout
+    iters = [r["iter"] for r in read_log(str(out)) if "loss" in r]
+    assert iters == [1, 2, 3, 4] and all(r["loss"] != 1.0 for r in read_log(str(out)) if "loss" in r)
+
+
+def test_resume_and_eval_only_take_the_runs_settings(tmp_path, trained):
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    env = ["--device=cpu", "--compile=False"]
+    # no config file at all: data_dir, block_size, batch sizes ... come from the checkpoint
+    r = train(f"--out_dir={out}", *env, "--init_from=resume", "--max_iters=3")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("settings from the checkpoint"))
+    assert "block_size=32" in line and "batch_size=4" in line and "data_dir=" in line
+    assert "device=" not in line  # given on the command line: the command line wins
+    assert [r["iter"] for r in read_log(str(out)) if "loss" in r] == [1, 2, 3]
+    # a config file ranks below the checkpoint (tiny.py says block_size 128, data_dir data/sample) ...
+    r = train("config/tiny.py", f"--out_dir={out}", *env, "--eval_only=True")
+    assert "block_size=32" in r.stdout and "T=1 " in r.stdout and "T=4 " not in r.stdout
+    # ... and the command line above both
+    r = train("config/tiny.py", f"--out_dir={out}", *env, "--eval_only=True", "--eval_loops=2")
+    assert "T=2 " in r.stdout and "T=1 " not in r.stdout
+
+
+def test_ctrl_c_says_what_the_checkpoint_holds(tmp_path, data):
+    p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}",
+                          "--max_iters=100000", "--eval_interval=2", "--eval_loops=1"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in p.stdout:  # wait for the first save, then press Ctrl-C
+        lines.append(line)
+        if line.startswith("saved "):
+            break
+    assert lines[-1] == f"saved {tmp_path / 'ckpt.pt'} at iter 2\n", lines
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    held = torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"]
+    assert err.startswith("interrupted at iter ") and f"ckpt.pt holds iter {held}: continue with --init_from=resume" in err
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_token_ids_past_vocab_size_are_named(tmp_path, split):
+    d = tmp_path / "data"
+    d.mkdir()
+    for s in ("train", "val"):
+        tokens = np.arange(5000) % 50000
+        if s == split:
+            tokens[700] = 50400  # fits uint16, but not the 50304-row embedding
+        write_shard(str(d / f"x_{s}_00000{int(s == 'train')}.bin"), tokens)
+    r = train(*TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'out'}", "--max_iters=20", "--eval_interval=100",
+              "--eval_loops=1", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "token id 50400" in r.stderr and "vocab_size=50304" in r.stderr
+    assert ("x_train_000001.bin" if split == "train" else "val shards") in r.stderr
+
+
+@pytest.mark.parametrize("arg", ["--eval_loops=0", "--eval_loops=1,0", "--log_interval=0"])
+def test_zero_depths_and_intervals_are_one_line_errors(tmp_path, arg):
+    r = train(*TINY, arg, f"--data_dir={tmp_path}", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert arg[2:].split("=")[0] + " must be" in r.stderr, r.stderr
+
+
+def test_wrap_around_is_announced(tmp_path, data):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(str(d / "x_val_000000.bin"), np.arange(2000) % 50000)
+    write_shard(str(d / "x_train_000001.bin"), np.arange(300) % 50000)  # two micro-batches of 128 tokens
+    r = train(*TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'out'}", "--max_iters=3", "--eval_interval=100",
+              "--eval_loops=1")
+    wraps = [l for l in r.stdout.splitlines() if "wrapped around" in l]
+    assert wraps == ["iter 2: the train data wrapped around to its start: every token from here on is seen again"]
+
+
+def test_logged_train_loss_is_the_mean_over_the_interval(tmp_path, data):
+    common = [*TINY, f"--data_dir={data}", "--max_iters=5", "--eval_interval=100", "--eval_loops=1"]
+    every, pairs = str(tmp_path / "every"), str(tmp_path / "pairs")
+    train(*common, f"--out_dir={every}", "--log_interval=1")
+    train(*common, f"--out_dir={pairs}", "--log_interval=2")
+    a, b = train_losses(every), train_losses(pairs)
+    assert sorted(b) == [2, 4, 5]  # the last interval is one step long
+    expect = {2: (a[1] + a[2]) / 2, 4: (a[3] + a[4]) / 2, 5: a[5]}
+    assert all(abs(b[i] - expect[i]) < 1e-5 for i in b) and b[2] != a[2], (a, b)
 
 
 # loader --------------------------------------------------------------------------------------------
@@ -157,6 +374,12 @@ def test_ddp_two_processes_match_gradient_accumulation(tmp_path, data):
     # later steps: the two sums differ in the last fp32 bits (another summation order), and Muon's
     # Newton-Schulz iteration runs in bf16, which turns that into ~1e-4 differences in the loss
     assert all(abs(ls[i] - lm[i]) < 2e-3 for i in ls), (ls, lm)
+
+
+def test_tiny_config_runs_on_two_processes(tmp_path, data):
+    args = ["config/tiny.py", f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=1", "--eval_loops=1"]
+    r = train(*args, launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    assert "2 process(es), grad_accum 1" in r.stdout and "saved" in r.stdout
 
 
 # a real (short) run ------------------------------------------------------------------------------------

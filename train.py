@@ -12,14 +12,21 @@ Several nodes: the usual torchrun flags (--nnodes, --node_rank, --rdzv_endpoint 
 
 Settings below can be overridden by a config file and then by --key=value:
     python train.py config/tiny.py --max_iters=100 --injection=concat
-    python train.py config/tiny.py --init_from=resume           # continue from out_dir/ckpt.pt
+    python train.py config/tiny.py --init_from=resume           # continue from out_dir/ckpt.pt, with its settings
+    python train.py config/tiny.py --overwrite=True             # start over where a checkpoint exists
+    python train.py --help                                      # every setting, its default and what it does
     python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
 """
+import sys
+
+from configurator import exit_on_help
+exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
+
 import glob
 import json
 import math
 import os
-import sys
+import signal
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
@@ -29,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import configure
+from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
 from model import GPT, GPTConfig
 from prepare_fineweb import open_shard, read_batch
 
@@ -38,6 +45,7 @@ from prepare_fineweb import open_shard, read_batch
 out_dir = "out"                  # ckpt.pt and log.jsonl go here
 data_dir = "data/fineweb10B"     # *_train_*.bin and *_val_*.bin shards
 init_from = "scratch"            # "scratch" or "resume" (from out_dir/ckpt.pt)
+overwrite = False                # let a run from scratch replace out_dir's ckpt.pt and log.jsonl
 eval_interval = 250              # evaluate and checkpoint every this many steps (and at the end)
 log_interval = 10                # print training stats every this many steps
 eval_only = False                # evaluate the checkpoint in out_dir and exit
@@ -48,29 +56,29 @@ batch_size = 16                  # micro-batch, sequences per device
 block_size = 1024                # sequence length
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation makes up the rest
 # model (GPTConfig fields)
-vocab_size = 50304
-n_embd = 768
-n_head = 12
-n_kv_head = 12
-n_prelude = 2
-n_core = 2
-n_coda = 2
-injection = "diagonal"
-prelude_norm = True
-mean_recurrence = 8
-backprop_depth = 4
-depth_sampling = "sequence"
-state_init = "random"
-rope_base = 10000.0
+vocab_size = 50304               # GPT-2's 50257 tokens padded to a multiple of 64
+n_embd = 768                     # model width d
+n_head = 12                      # query heads
+n_kv_head = 12                   # key/value heads (grouped-query attention; divides n_head)
+n_prelude = 2                    # blocks run once before the loop
+n_core = 2                       # blocks in the loop, the same weights at every step
+n_coda = 2                       # blocks run once after the loop
+injection = "diagonal"           # how the input enters the loop: "add" (naive), "concat" (RDM), "diagonal" (Parcae)
+prelude_norm = True              # RMSNorm the prelude output before injecting it (Parcae)
+mean_recurrence = 8              # mean loop depth T in training; the depth of eval and sampling
+backprop_depth = 4               # backpropagate through the last this many loop steps
+depth_sampling = "sequence"      # "sequence" (Parcae: a depth per sequence), "batch" (RDM), "fixed"
+state_init = "random"            # initial loop state h0 in training: "random" or "zero"
+rope_base = 10000.0              # rotary embedding base
 mlp = "relu2"                    # "relu2" | "swiglu" (LoopLM's)
 mlp_hidden = 0                   # MLP hidden size; 0 = 4 * n_embd (relu2 only)
 loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
-# optimizer: Muon for block matrices, AdamW for the rest (SPEC 5)
+# optimizer: Muon for block matrices, AdamW for the rest (Parcae's recipe, README "Full scale")
 max_iters = 5000                 # optimizer steps; the run ends by checkpointing exactly this state
-muon_lr = 0.02
-adam_lr = 8e-3
-adam_betas = (0.8, 0.95)
-adam_eps = 1e-10
+muon_lr = 0.02                   # Muon, for the matrices inside blocks
+adam_lr = 8e-3                   # AdamW, for embedding, norms and injection parameters
+adam_betas = (0.8, 0.95)         # AdamW betas
+adam_eps = 1e-10                 # AdamW eps
 weight_decay = 0.0               # decoupled, Muon matrices only
 grad_clip = 1.0                  # 0 = no clipping (the norm is still computed and checked)
 warmup_iters = 0                 # linear warmup steps
@@ -80,29 +88,57 @@ min_lr_frac = 0.0                # ... to this fraction of the peak
 max_bad_steps = 10               # stop after this many non-finite steps in a row
 # system
 device = "auto"                  # "auto", "cpu", "cuda", "cuda:1", "mps" ...
-dtype = "auto"                   # "auto" (bf16 on CUDA, fp32 elsewhere), "bfloat16", "float32"
+dtype = "auto"                   # "auto" (bf16 on CUDA, fp32 elsewhere), "bfloat16", "float32", "float16"
 compile = None                   # torch.compile each block; None = on for CUDA, off otherwise
 peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = guess from the GPU name
-seed = 1337
+seed = 1337                      # each rank adds its rank
 # -----------------------------------------------------------------------------
 try:
-    configure(globals(), sys.argv[1:])
+    cli_keys = configure(globals(), sys.argv[1:])
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
+settings = {k: v for k, v in globals().items() if not k.startswith("_")
+            and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
 if compile not in (None, True, False):
     raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
-if dtype not in ("auto", "bfloat16", "float16", "float32"):
-    raise SystemExit(f"error: config key 'dtype' must be auto, bfloat16, float16 or float32, got {dtype!r}")
 if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
+if not all(type(T) is int and T >= 1 for T in eval_loops):
+    raise SystemExit(f"error: eval_loops must be loop depths >= 1, e.g. --eval_loops=1,2,4, got {eval_loops!r}")
+for key in ("eval_interval", "log_interval", "max_iters", "batch_size", "block_size"):
+    if globals()[key] < 1:
+        raise SystemExit(f"error: {key} must be >= 1, got {globals()[key]}")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
+    # a trained model is not replaced by accident: say the three ways on
+    raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
+                     f"--out_dir=..., or replace it and its log.jsonl with --overwrite=True")
+if init_from not in ("scratch", "resume"):
+    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+ckpt, from_ckpt = None, {}
+if init_from == "resume" or eval_only:  # checked before anything else is loaded
+    try:
+        ckpt = load_checkpoint(ckpt_path, need=() if eval_only else ("iter_num", "data_pos", "optimizer", "rng"))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    # the run's own settings (data_dir, batch sizes ...) outrank the config file; the command line outranks both
+    saved = {k: v for k, v in ckpt.get("config", {}).items() if k in settings and k not in cli_keys
+             and k not in ("init_from", "eval_only", "overwrite", "out_dir")}
+    from_ckpt = {k: v for k, v in saved.items() if v != settings[k]}
+    globals().update(saved)
+    settings.update(saved)
+    ckpt_max_iters = ckpt.get("config", {}).get("max_iters")  # what the run's lr schedule was planned for
+    if not eval_only and ckpt["iter_num"] >= max_iters:
+        raise SystemExit(f"error: {ckpt_path} is at iter {ckpt['iter_num']}, max_iters is {max_iters}: nothing to "
+                         f"train; continue with --max_iters=N above {ckpt['iter_num']}, or evaluate with --eval_only=True")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
-settings = {k: v for k, v in globals().items() if not k.startswith("_")
-            and isinstance(v, (int, float, bool, str, tuple, type(None)))}
 
 # distributed setup: one process per device, launched by torchrun
+try:
+    device, device_type, dtype = check_device(device, dtype)
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 ddp = int(os.environ.get("RANK", -1)) != -1
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
 if ddp:
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     rank, local_rank, world = dist.get_rank(), int(os.environ["LOCAL_RANK"]), dist.get_world_size()
@@ -112,16 +148,16 @@ if ddp:
 else:
     rank, local_rank, world = 0, 0, 1
 master = rank == 0
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" else "float32"
 if compile is None:
     compile = device_type == "cuda"
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 tokens_per_micro = batch_size * block_size * world
-if total_batch_size % tokens_per_micro:
-    raise SystemExit(f"total_batch_size={total_batch_size} is not a multiple of batch_size * block_size * "
-                     f"world_size = {tokens_per_micro}")
+if total_batch_size % tokens_per_micro:  # name a value that works: the next multiple, or a smaller micro-batch
+    fix = f"--total_batch_size={-(-total_batch_size // tokens_per_micro) * tokens_per_micro}"
+    fix += next((f" or --batch_size={b}" for b in range(batch_size - 1, 0, -1)
+                 if total_batch_size % (b * block_size * world) == 0), "")
+    raise SystemExit(f"error: total_batch_size={total_batch_size} is not a multiple of batch_size * block_size * "
+                     f"processes = {batch_size} * {block_size} * {world} = {tokens_per_micro}: set {fix}")
 grad_accum = total_batch_size // tokens_per_micro
 torch.manual_seed(seed + rank)  # ranks draw different depths and initial states
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -153,36 +189,46 @@ if val_seqs == 0:
     raise SystemExit(f"the val shards hold {len(val)} tokens, fewer than one batch of every rank")
 data_pos = [0, 0]  # (shard, offset) of the next global micro-batch
 
+
+def next_batch():
+    """read_batch, with two checks: a token id past the embedding (an IndexError deep inside the model
+    otherwise) and the data wrapping around to its start (from then on the model sees tokens again)."""
+    before = list(data_pos)
+    x, y = read_batch(train_shards, data_pos, batch_size, block_size, rank, world)
+    if data_pos == [0, world * batch_size * block_size] and before != [0, 0]:
+        log(f"iter {iter_num}: the train data wrapped around to its start: every token from here on is seen again")
+    if int(y.max()) >= cfg.vocab_size or int(x[0, 0]) >= cfg.vocab_size:  # y holds every token of x but x's first
+        raise SystemExit(f"error: {train_shards[data_pos[0]].filename} holds token id {max(int(y.max()), int(x[0, 0]))}, "
+                         f"not below vocab_size={cfg.vocab_size}: a shard of another tokenizer, or a vocab_size too small")
+    return x, y
+
 # model: from scratch or resumed
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-iter_num, ckpt = 0, None
-if init_from == "resume" or eval_only:
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"no checkpoint at {ckpt_path} to resume from")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    changed = {k: (v, model_args.get(k)) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
-    if changed:
-        log(f"using the checkpoint's model settings, not the config's: {changed}")
-    model_args = ckpt["model_args"]
-    iter_num, data_pos = ckpt["iter_num"], list(ckpt["data_pos"])
-elif init_from != "scratch":
-    raise SystemExit(f"init_from must be 'scratch' or 'resume', got {init_from!r}")
+iter_num = 0
 try:
-    model = GPT(GPTConfig(**model_args))
-except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint from another version
+    if ckpt is None:
+        model = GPT(GPTConfig(**model_args))
+    else:
+        changed = {k: (v, model_args.get(k)) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
+        if changed:
+            log(f"using the checkpoint's model settings, not the config's: {changed}")
+        model = model_from_checkpoint(ckpt, ckpt_path)
+        iter_num, data_pos = ckpt.get("iter_num", 0), list(ckpt.get("data_pos", data_pos))
+except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint that does not fit this model.py
     raise SystemExit(f"error: {e}") from None
-if ckpt is not None:
-    model.load_state_dict(ckpt["model"])
 model.to(device)
 raw_model = model
 optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
 if ckpt is not None and not eval_only:
-    for opt, state in zip(optimizers, ckpt["optimizer"]):
-        opt.load_state_dict(state)
-    rng = ckpt["rng"][rank % len(ckpt["rng"])]  # this rank's depth and h0 draws continue where they stopped
-    torch.set_rng_state(rng["cpu"])
-    if device_type == "cuda" and "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"])
+    try:
+        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+            opt.load_state_dict(state)
+        rng = ckpt["rng"][rank % len(ckpt["rng"])]  # this rank's depth and h0 draws continue where they stopped
+        torch.set_rng_state(rng["cpu"])
+        if device_type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    except (ValueError, KeyError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise SystemExit(f"error: {ckpt_path}: its optimizer or RNG state does not fit this model: "
+                         f"{' '.join(str(e).split()) or type(e).__name__}") from None
 del ckpt
 for opt, peak in zip(optimizers, (muon_lr, adam_lr)):
     for group in opt.param_groups:
@@ -192,12 +238,17 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 cfg = raw_model.config
+if int(val[:val_seqs * block_size + 1].max()) >= cfg.vocab_size:  # every token evaluate() reads, checked once
+    raise SystemExit(f"error: the val shards in {data_dir} hold token id {int(val.max())}, not below "
+                     f"vocab_size={cfg.vocab_size}: shards of another tokenizer, or a vocab_size too small")
 if not eval_loops:
     eval_loops = tuple(sorted({1, 2, max(1, cfg.mean_recurrence // 2), cfg.mean_recurrence, 2 * cfg.mean_recurrence}))
 if not peak_flops and device_type == "cuda":
     peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
 log(f"{cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M unique parameters, "
     f"{world} process(es), grad_accum {grad_accum}, device {device}, {dtype}, compile {compile}")
+if from_ckpt:
+    log("settings from the checkpoint (--key=value overrides them): " + ", ".join(f"{k}={v!r}" for k, v in from_ckpt.items()))
 
 
 def lr_mult(it):
@@ -299,10 +350,27 @@ def save_checkpoint():
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, ckpt_path)
+    global saved_iter
+    saved_iter = iter_num
+    log(f"saved {ckpt_path} at iter {iter_num}")
 
 
+log_path = os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    if init_from == "scratch" and not eval_only and os.path.exists(log_path):
+        os.remove(log_path)  # a new run starts a new log, never appends to an old one
+    if init_from == "resume" and not eval_only and os.path.exists(log_path):
+        # steps logged after the last checkpoint (then Ctrl-C or a crash) are run again now: drop the old ones
+        with open(log_path) as f:
+            lines = f.readlines()
+        keep = [l for l in lines if json.loads(l).get("iter", 0) <= iter_num]
+        if len(keep) < len(lines):
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(log_path + ".tmp", log_path)
+            log(f"log.jsonl: dropped {len(lines) - len(keep)} records past iter {iter_num}, "
+                f"written after the last checkpoint; those steps run again now")
 if eval_only:
     losses = report_eval()
     if len(losses) >= 3:
@@ -315,6 +383,23 @@ if eval_only:
     sys.exit(0)
 
 # training loop
+
+
+def interrupted(signum, frame):
+    """Ctrl-C: one line saying what is on disk instead of a traceback (a save in flight leaves the old file)."""
+    held = f"{ckpt_path} holds iter {saved_iter}: continue with --init_from=resume" if saved_iter is not None \
+        else f"no checkpoint written yet (the first comes at iter {min(eval_interval, max_iters)})"
+    if master:
+        print(f"interrupted at iter {iter_num}; {held}", file=sys.stderr, flush=True)
+    raise SystemExit(130)  # the shell's code for Ctrl-C
+
+
+saved_iter = iter_num if init_from == "resume" else None
+signal.signal(signal.SIGINT, interrupted)
+if init_from == "resume":
+    note = "" if ckpt_max_iters in (None, max_iters) else \
+        f"; max_iters changed {ckpt_max_iters} -> {max_iters}, so the lr schedule now ends at iter {max_iters}"
+    log(f"resuming from {ckpt_path} at iter {iter_num} of {max_iters}, lr x{lr_mult(iter_num):.3f}{note}")
 bad_steps, start_iter = 0, iter_num
 t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
 model.train()
@@ -330,16 +415,18 @@ while True:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * lr_mult(iter_num)
-    loss_sum = torch.zeros((), device=device)
+    if iter_num % log_interval == 0 or iter_num == start_iter:  # a new logging interval: its mean train loss
+        loss_sum = torch.zeros((), device=device)
+    step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
-        x, y = read_batch(train_shards, data_pos, batch_size, block_size, rank, world)
+        x, y = next_batch()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
         with sync:
             with ctx:
                 _, loss = model(x, y)
             (loss / grad_accum).backward()
-        loss_sum += loss.detach() / grad_accum
+        step_loss += loss.detach() / grad_accum
         n, k = raw_model.last_depths  # MFU counts the loop steps each sequence needed
         useful_flops += raw_model.estimate_flops(block_size, n, k)
         steps_needed, steps_run = steps_needed + int((n + k).sum()), steps_run + raw_model.last_rows_run
@@ -353,6 +440,9 @@ while True:
             raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping (lower the lr, check the data)")
         continue
     bad_steps = 0
+    # the logged loss is the mean over the steps since the last log line, not one micro-batch
+    loss_sum += step_loss / (min((iter_num // log_interval + 1) * log_interval, max_iters)
+                             - max(iter_num // log_interval * log_interval, start_iter))
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
