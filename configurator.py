@@ -24,12 +24,14 @@ def script_settings(path):
     comments = {}  # line number -> (comment text, whether the line holds only the comment)
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), not tok.line[:tok.start[1]].strip())
+            comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.start[1] == 0)  # a top-level comment line
     settings, last = [], 0
     for node in ast.parse(src, path).body:
         if isinstance(node, ast.Try) or "configure(" in (ast.get_source_segment(src, node) or "").split("\n")[0]:
             break  # everything after this is the script, not settings
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            if node.targets[0].id.isupper():
+                continue  # a CONSTANT, not a setting
             try:
                 ast.literal_eval(node.value)
             except ValueError:

@@ -19,10 +19,14 @@ tokens given the text before it; ppl = exp(mean loss of the target tokens).
 The model runs in eval mode (no depth sampling, initial state 0), so a score is a function of the
 checkpoint and the depth only.
 """
+import sys
+
+from configurator import exit_on_help
+exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
+
 import json
 import math
 import os
-import sys
 from contextlib import nullcontext
 
 import requests
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import configure, load_checkpoint, model_from_checkpoint
+from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
 from prepare_fineweb import EOT, fetch, gpt2_encoding
 
 URLS = {"hellaswag": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
@@ -184,6 +188,7 @@ def lambada_metrics(items, scores):
 METRICS = {"hellaswag": hellaswag_metrics, "lambada": lambada_metrics}
 
 # -----------------------------------------------------------------------------
+# settings
 out_dir = "out"                  # the checkpoint is out_dir/ckpt.pt; eval.json goes there too
 tasks = "hellaswag,lambada"      # comma-separated, from: hellaswag, lambada
 eval_loops = ()                  # loop depths to evaluate; () = 1, 2, mu/2, mu, 2 mu
@@ -204,15 +209,11 @@ def main(argv):
                     (max_items >= 0, f"max_items must be >= 0 (0 = all), got {max_items}"),
                     (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
                     (all(type(T) is int and T >= 1 for T in eval_loops),
-                     f"eval_loops must be integers >= 1, got {eval_loops!r}"),
-                    (dtype in ("auto", "float32", "bfloat16", "float16"),
-                     f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {dtype!r}")):
+                     f"eval_loops must be integers >= 1, got {eval_loops!r}")):
         if not ok:
             raise ValueError(why)
 
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    device_type = "cuda" if dev.startswith("cuda") else dev.split(":")[0]
-    dt = ("bfloat16" if device_type == "cuda" else "float32") if dtype == "auto" else dtype
+    dev, device_type, dt = check_device(device, dtype)  # before anything is loaded
     ctx = nullcontext() if dt == "float32" else torch.autocast(device_type, dtype=getattr(torch, dt))
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

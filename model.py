@@ -220,7 +220,7 @@ class GPT(nn.Module):
     def get_num_params(self):
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied wte once
 
-    # --- depth sampling (SPEC 3.3) -------------------------------------------------------
+    # --- depth sampling (README "How training works") ------------------------------------
     def sample_depths(self, B):
         """Loop depths T (B,) for one training forward, drawn on the CPU generator."""
         cfg, mu = self.config, float(self.config.mean_recurrence)
@@ -282,7 +282,7 @@ class GPT(nn.Module):
         return logits if logits.dtype == torch.float64 else logits.float()  # fp32 (fp64 kept for tests)
 
     def _loop(self, h, e, cos, sin, n, k):
-        """Run sequence i for n[i] steps without gradient, then k[i] steps with it (SPEC 3.3). The loop is
+        """Run sequence i for n[i] steps without gradient, then k[i] steps with it (Parcae). The loop is
         time-invariant, so this is T_i = n_i + k_i steps with gradient through the last k_i. The rows come
         sorted deepest first, and n, k are non-decreasing in T: the rows still running are a prefix h[:m]."""
         rms, residual = torch.zeros(2, len(h), device=h.device, dtype=torch.float32)
@@ -315,7 +315,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
         cos, sin = self.cos[:T], self.sin[:T]
         e = self._prelude(idx, cos, sin)  # (B, T, C) the input injected at every step
-        if h0 is None:  # a caller's h0 gets no gradient: it stops at the first gradient step's input (SPEC 3.3)
+        if h0 is None:  # a caller's h0 gets no gradient: it stops at the first gradient step's input
             h0 = self.initial_state(e)
         elif h0.shape != e.shape:
             raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {tuple(e.shape)}")
@@ -365,7 +365,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, muon_lr, adam_lr, weight_decay, adam_betas, adam_eps):
         """Muon for the matrices inside blocks; AdamW, without weight decay, for the embedding/head,
-        norm gains and every injection parameter (SPEC 5)."""
+        norm gains and every injection parameter (Parcae's recipe)."""
         blocks = [*self.prelude, *self.core, *self.coda]
         matrices = [p for b in blocks for p in b.parameters() if p.dim() == 2]
         ids = {id(p) for p in matrices}
@@ -374,7 +374,7 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=0.0)
         return muon, adamw
 
-    # --- stability diagnostics (SPEC 3.5) -------------------------------------------------
+    # --- stability diagnostics (README "Stability") ---------------------------------------
     @torch.no_grad()
     def loop_stats(self):
         """Spectral radius rho of the loop's linear part A-bar, and cheap companions."""
@@ -388,7 +388,7 @@ class GPT(nn.Module):
         decay = torch.exp(-F.softplus(self.dt_bias.float()) * self.A_log.float().exp())
         return {"rho": decay.max().item(), "mean_decay": decay.mean().item()}
 
-    # --- generation with a KV cache (SPEC 4) ------------------------------------------------
+    # --- generation with a KV cache (README "Test-time compute") ----------------------------
     def new_cache(self, num_loops, mode="full"):
         """One KVCache per attention application: prelude layer, (loop step, core layer), coda layer.
         mode="last" keeps one cache per core layer holding each past token's LAST loop step only."""

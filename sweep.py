@@ -24,7 +24,7 @@ import time
 
 import numpy as np
 
-from configurator import configure
+from configurator import configure, exit_on_help
 
 # -----------------------------------------------------------------------------
 out_dir = "out/sweep"               # one folder per run: log.jsonl, train.log, status.json
@@ -110,6 +110,7 @@ def fmt(x, spec):
 
 
 if __name__ == "__main__":
+    exit_on_help(__file__, sys.argv[1:])
     try:
         configure(globals(), sys.argv[1:])
         names = variants.split(",")

@@ -32,7 +32,7 @@ def randomized(cfg, seed=0, dtype=torch.float32):
     return model
 
 
-# 1. parameter counts of SPEC 7 ---------------------------------------------------------------
+# 1. parameter counts of the README's config table ------------------------------------------------
 def closed_form_params(d, n_head, n_kv, layers, injection, prelude_norm, V=50304, mlp="relu2", mlp_hidden=0):
     kv_dim = d // n_head * n_kv
     mlp_params = (3 if mlp == "swiglu" else 2) * d * (mlp_hidden or 4 * d)  # (gate,) up, down

@@ -6,7 +6,7 @@
 # - its truncated backprop: one cut n = max_i T_i - 3 for the whole micro-batch, so a sequence with
 #   T_i <= max - 3 gets no gradient step. That is the bug being re-tested; here k_i = min(T_i, 3) per sequence.
 # - learnable QK-norm gains and eps 1e-6 in every RMSNorm: nanoloop's QK-norm has no parameters and its
-#   norms use 1e-5 (SPEC 2, the same for every config), so this run differs from naive_135m in MLP and recipe only.
+#   norms use 1e-5 (the same for every config), so this run differs from naive_135m in MLP and recipe only.
 # - its init (every matrix N(0, 0.02), output projections too): nanoloop's scaled-zero init (std
 #   sqrt(2/(5d)) = 0.0198, output projections 0) keeps every block the identity at init, as for all configs.
 # - its z-loss 1e-4 * mean(logsumexp^2), which its reported val loss includes: the loss here is plain
@@ -15,7 +15,7 @@
 #   matrices; torch.optim.Muon here uses max(1, rows/cols)^0.5 on separate matrices, so the same lr 0.02
 #   is a 6.4x smaller step per element (10.6x for the MLP's down projection). Matching it needs an
 #   optimizer setting nanoloop does not have yet.
-# - AdamW weight decay 0.1 on the embedding and norm gains: nanoloop's AdamW group has none (SPEC 5).
+# - AdamW weight decay 0.1 on the embedding and norm gains: nanoloop's AdamW group has none (Parcae's recipe).
 # - its depth clamp at 4 mu_rec (P(Poisson(6) > 24) ~ 1e-8: no effect).
 # Copied: the naive loop block(h + e) (an earlier LoopLM parcae.py returned h + attn + mlp instead),
 # no prelude norm (its run set use_input_norm=false), a fresh random h0 every forward (0.02 * randn

@@ -19,4 +19,4 @@ block_size = 1024
 batch_size = 16
 total_batch_size = 262144
 max_iters = 10000  # 2.6B tokens: fetch them with `python prepare_fineweb.py --num_chunks 27`
-# optimizer and schedule: train.py's defaults (Parcae's, SPEC 5), the same for every variant
+# optimizer and schedule: train.py's defaults (Parcae's, README "Full scale"), the same for every variant
