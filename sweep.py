@@ -10,10 +10,13 @@ the same blocks, each trained at several learning-rate multipliers, then one tab
 
 Every run is `python train.py` with the shape below and one multiplier m: muon_lr = m * 0.02 and
 adam_lr = m * 8e-3 (train.py's defaults). Per run the table gives the final val loss at mu_rec and
-2 mu_rec, the largest rho and loop-state RMS logged, the non-finite steps skipped, the loss spikes
-(a logged train loss more than 1 nat above the median of the 10 logged before it), and whether it
-diverged: it stopped on non-finite steps, or its final val loss is not finite or worse than a unigram
-model of the same data (the token frequencies of the train shards, scored on the val prefix).
+2 mu_rec, the largest rho and loop-state RMS logged, the non-finite steps skipped, the loss spikes, and
+whether it diverged: it stopped on non-finite steps, or its final val loss is not finite or worse than
+a unigram model of the same data (the token frequencies of the train shards, scored on the val prefix).
+Spikes: every run reads the same batches in the same order, and one batch's loss moves by several nats
+with the document it comes from. So a step's excess is its loss minus the median loss of all runs on
+that batch, and a spike is a step whose excess is more than 1 nat above its median over the (up to)
+10 steps before it (at least 5).
 """
 import json
 import math
@@ -46,7 +49,7 @@ VARIANTS = {  # the injection and its paper's depth sampler; the baseline is the
     "parcae": ["--injection=diagonal", "--prelude_norm=True", "--depth_sampling=sequence", "--eval_loops=4,8"],
 }
 MUON_LR, ADAM_LR = 0.02, 8e-3
-SPIKE_NATS, SPIKE_WINDOW = 1.0, 10
+SPIKE_NATS, SPIKE_WINDOW, SPIKE_MIN = 1.0, 10, 5
 
 
 def unigram_loss(data_dir, val_tokens):
@@ -59,8 +62,19 @@ def unigram_loss(data_dir, val_tokens):
     return float(-logp[val].mean())
 
 
-def summarize(run_dir, unigram):
-    """One table row from a run's log.jsonl, train.log and status.json."""
+def train_losses(run_dir):
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+
+
+def reference_losses(run_dirs):
+    """Per step, the median train loss of the runs that reached it: what the batch itself costs."""
+    runs = [train_losses(d) for d in run_dirs]
+    return [float(np.median([r[i] for r in runs if len(r) > i])) for i in range(max(map(len, runs), default=0))]
+
+
+def summarize(run_dir, unigram, reference):
+    """One table row from a run's log.jsonl, train.log and status.json; reference from reference_losses."""
     with open(os.path.join(run_dir, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     with open(os.path.join(run_dir, "train.log")) as f:
@@ -70,8 +84,9 @@ def summarize(run_dir, unigram):
     steps = [r for r in log if "loss" in r]
     vals = [r["val"] for r in log if "val" in r and r["iter"] > 0]
     final = vals[-1] if vals and status["returncode"] == 0 else {}
-    losses = [r["loss"] for r in steps]
-    spikes = sum(losses[i] > np.median(losses[i - SPIKE_WINDOW:i]) + SPIKE_NATS for i in range(SPIKE_WINDOW, len(losses)))
+    excess = [r["loss"] - ref for r, ref in zip(steps, reference)]  # the batch's own difficulty taken out
+    spikes = sum(excess[i] > np.median(excess[max(0, i - SPIKE_WINDOW):i]) + SPIKE_NATS
+                 for i in range(SPIKE_MIN, len(excess)))
     depths = sorted(final, key=int)
     at_mu = final[depths[0]] if depths else float("nan")
     diverged = status["returncode"] != 0 or not math.isfinite(at_mu) or at_mu > unigram
@@ -134,13 +149,16 @@ if __name__ == "__main__":
         print(f"sweep took {(time.time() - t_start) / 60:.1f} min")
     print(f"\n{data_dir}, {max_iters} steps of 1,024 tokens; unigram loss of the val prefix {unigram:.3f} nats")
     head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "diverged"]
+    done = [os.path.join(out_dir, f"{n}_x{m:g}") for n, m in runs]
+    done = [d for d in done if os.path.exists(os.path.join(d, "status.json"))]
+    reference = reference_losses(done)
     rows = []
     for name, mult in runs:
         run_dir = os.path.join(out_dir, f"{name}_x{mult:g}")
         if not os.path.exists(os.path.join(run_dir, "status.json")):
             rows.append([name, f"{mult:g}", "not run"] + [""] * 6)
             continue
-        r = summarize(run_dir, unigram)
+        r = summarize(run_dir, unigram, reference)
         rows.append([name, f"{mult:g}", fmt(r["val_mu"], ".4f"), fmt(r["val_2mu"], ".4f"), fmt(r["max_rho"], ".3f") if name != "gpt" else "-",
                      fmt(r["max_state_rms"], ".3g"), str(r["skipped"]), str(r["spikes"]), "yes" if r["diverged"] else "no"])
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

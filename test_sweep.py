@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from prepare_fineweb import write_shard
-from sweep import summarize, unigram_loss
+from sweep import reference_losses, summarize, unigram_loss
 
 
 def fake_run(path, losses, rhos, rms, val, returncode, skipped=0):
@@ -25,24 +25,32 @@ def fake_run(path, losses, rhos, rms, val, returncode, skipped=0):
 
 
 def test_summary_of_a_healthy_and_a_diverged_run(tmp_path):
-    calm = [6.0 - 0.1 * i for i in range(20)]  # falling loss, no spike
-    ok = summarize(fake_run(tmp_path / "ok", calm, [0.4] * 19 + [0.5], [1.0] * 10 + [3.0] + [1.0] * 9,
-                            {"4": 4.5, "8": 4.4}, 0), unigram=7.0)
+    # the batches' own difficulty: a hard document at steps 12-13 costs every run 3 nats more
+    data = [6.0 - 0.1 * i + (3.0 if i in (12, 13) else 0.0) for i in range(20)]
+    ok_dir = fake_run(tmp_path / "ok", data, [0.4] * 19 + [0.5], [1.0] * 10 + [3.0] + [1.0] * 9, {"4": 4.5, "8": 4.4}, 0)
+    # two spikes of its own (steps 9 and 16, not in the other runs), then the non-finite guard stops it
+    wild = [x + (2.0 if i in (9, 16) else 0.0) for i, x in enumerate(data[:18])]
+    bad_dir = fake_run(tmp_path / "bad", wild, [1.0 + i for i in range(18)], [2.0] * 18, None, 1, skipped=3)
+    third = fake_run(tmp_path / "third", [x + 0.2 for x in data], [0.4] * 20, [1.0] * 20, {"4": 4.7, "8": 4.6}, 0)
+    reference = reference_losses([ok_dir, bad_dir, third])
+    assert abs(reference[12] - data[12]) < 1e-12  # median of data[12], data[12] and data[12] + 0.2
+    assert len(reference) == 20 and abs(reference[19] - (data[19] + 0.1)) < 1e-12  # two runs reached step 20
+
+    ok = summarize(ok_dir, 7.0, reference)
     assert ok == {"val_mu": 4.5, "val_2mu": 4.4, "max_rho": 0.5, "max_state_rms": 3.0, "skipped": 0, "spikes": 0,
                   "steps": 20, "diverged": False}
-
-    # two spikes (more than 1 nat above the median of the 10 logged losses before), then the guard stops it
-    wild = calm[:12] + [9.0] + calm[13:15] + [8.0] + calm[16:18]
-    bad = summarize(fake_run(tmp_path / "bad", wild, [1.0 + i for i in range(18)], [2.0] * 18, None, 1, skipped=3),
-                    unigram=7.0)
+    bad = summarize(bad_dir, 7.0, reference)
     assert bad["spikes"] == 2 and bad["skipped"] == 3 and bad["max_rho"] == 18.0
     assert bad["diverged"] and math.isnan(bad["val_mu"]) and bad["val_2mu"] is None
+    # without taking out the batches' difficulty the hard document's two steps would look like spikes
+    assert summarize(ok_dir, 7.0, [0.0] * 20)["spikes"] == 2
 
 
 def test_a_finished_run_worse_than_unigram_counts_as_diverged(tmp_path):
-    r = summarize(fake_run(tmp_path / "r", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": 7.5, "8": 9.0}, 0), unigram=7.0)
+    flat = [0.0] * 12
+    r = summarize(fake_run(tmp_path / "r", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": 7.5, "8": 9.0}, 0), 7.0, flat)
     assert r["diverged"] and r["val_mu"] == 7.5 and r["spikes"] == 0
-    r = summarize(fake_run(tmp_path / "n", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": float("nan")}, 0), unigram=7.0)
+    r = summarize(fake_run(tmp_path / "n", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": float("nan")}, 0), 7.0, flat)
     assert r["diverged"]
 
 
