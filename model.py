@@ -302,7 +302,8 @@ class GPT(nn.Module):
                         x = self.core_step(h[:m], inp[:m], cos, sin)
                     if last:  # telemetry of rows m_next..m, whose last step this is: does the state settle?
                         with torch.no_grad():
-                            hT, step = x[m_next:].float(), (x[m_next:] - h[m_next:m]).float()
+                            # fp64: an exploding state (RDM's reached 1e19) would overflow fp32 when squared
+                            hT, step = x[m_next:].double(), (x[m_next:] - h[m_next:m]).double()
                             rms[m_next:m] = hT.pow(2).mean(-1).sqrt().mean(-1)
                             residual[m_next:m] = (step.norm(dim=-1) / hT.norm(dim=-1).clamp(min=1e-12)).mean(-1)
                     h = x if m == len(h) else torch.cat([x, h[m:]])  # finished rows keep their state
