@@ -11,8 +11,8 @@ the same blocks, each trained at several learning-rate multipliers, then one tab
 Every run is `python train.py` with the shape below and one multiplier m: muon_lr = m * 0.02 and
 adam_lr = m * 8e-3 (train.py's defaults). Per run the table gives the final val loss at mu_rec and
 2 mu_rec, the largest rho and loop-state RMS logged, the non-finite steps skipped, the loss spikes, and
-whether it diverged: it stopped on non-finite steps, or its final val loss is not finite or worse than
-a unigram model of the same data (the token frequencies of the train shards, scored on the val prefix).
+whether it failed: it stopped on non-finite steps (diverged), or its final val loss is not finite or
+worse than a unigram model of the same data (the token frequencies of the train shards, on the val prefix).
 Spikes: every run reads the same batches in the same order, and one batch's loss moves by several nats
 with the document it comes from. So a step's excess is its loss minus the median loss of all runs on
 that batch, and a spike is a step whose excess is more than 1 nat above its median over the (up to)
@@ -89,11 +89,11 @@ def summarize(run_dir, unigram, reference):
                  for i in range(SPIKE_MIN, len(excess)))
     depths = sorted(final, key=int)
     at_mu = final[depths[0]] if depths else float("nan")
-    diverged = status["returncode"] != 0 or not math.isfinite(at_mu) or at_mu > unigram
+    failed = status["returncode"] != 0 or not math.isfinite(at_mu) or at_mu > unigram  # diverged, or never learned
     return {"val_mu": at_mu, "val_2mu": final[depths[1]] if len(depths) > 1 else None,
             "max_rho": max((r["rho"] for r in steps), default=float("nan")),
             "max_state_rms": max((r["state_rms"] for r in steps), default=float("nan")),
-            "skipped": skipped, "spikes": spikes, "steps": len(steps), "diverged": diverged}
+            "skipped": skipped, "spikes": spikes, "steps": len(steps), "failed": failed}
 
 
 def start(name, mult):
@@ -148,7 +148,7 @@ if __name__ == "__main__":
                 finish(*job)
         print(f"sweep took {(time.time() - t_start) / 60:.1f} min")
     print(f"\n{data_dir}, {max_iters} steps of 1,024 tokens; unigram loss of the val prefix {unigram:.3f} nats")
-    head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "diverged"]
+    head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "failed"]
     done = [os.path.join(out_dir, f"{n}_x{m:g}") for n, m in runs]
     done = [d for d in done if os.path.exists(os.path.join(d, "status.json"))]
     reference = reference_losses(done)
@@ -160,7 +160,7 @@ if __name__ == "__main__":
             continue
         r = summarize(run_dir, unigram, reference)
         rows.append([name, f"{mult:g}", fmt(r["val_mu"], ".4f"), fmt(r["val_2mu"], ".4f"), fmt(r["max_rho"], ".3f") if name != "gpt" else "-",
-                     fmt(r["max_state_rms"], ".3g"), str(r["skipped"]), str(r["spikes"]), "yes" if r["diverged"] else "no"])
+                     fmt(r["max_state_rms"], ".3g"), str(r["skipped"]), str(r["spikes"]), "yes" if r["failed"] else "no"])
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")

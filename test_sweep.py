@@ -38,20 +38,20 @@ def test_summary_of_a_healthy_and_a_diverged_run(tmp_path):
 
     ok = summarize(ok_dir, 7.0, reference)
     assert ok == {"val_mu": 4.5, "val_2mu": 4.4, "max_rho": 0.5, "max_state_rms": 3.0, "skipped": 0, "spikes": 0,
-                  "steps": 20, "diverged": False}
+                  "steps": 20, "failed": False}
     bad = summarize(bad_dir, 7.0, reference)
     assert bad["spikes"] == 2 and bad["skipped"] == 3 and bad["max_rho"] == 18.0
-    assert bad["diverged"] and math.isnan(bad["val_mu"]) and bad["val_2mu"] is None
+    assert bad["failed"] and math.isnan(bad["val_mu"]) and bad["val_2mu"] is None
     # without taking out the batches' difficulty the hard document's two steps would look like spikes
     assert summarize(ok_dir, 7.0, [0.0] * 20)["spikes"] == 2
 
 
-def test_a_finished_run_worse_than_unigram_counts_as_diverged(tmp_path):
+def test_a_finished_run_worse_than_unigram_counts_as_failed(tmp_path):
     flat = [0.0] * 12
     r = summarize(fake_run(tmp_path / "r", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": 7.5, "8": 9.0}, 0), 7.0, flat)
-    assert r["diverged"] and r["val_mu"] == 7.5 and r["spikes"] == 0
+    assert r["failed"] and r["val_mu"] == 7.5 and r["spikes"] == 0
     r = summarize(fake_run(tmp_path / "n", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": float("nan")}, 0), 7.0, flat)
-    assert r["diverged"]
+    assert r["failed"]
 
 
 def test_unigram_loss_by_hand(tmp_path):
