@@ -375,8 +375,8 @@ if eval_only:
     losses = report_eval()
     if len(losses) >= 3:
         L_inf, Z, z, rms = fit_saturating_exp(list(losses), list(losses.values()))
-        edge = " (z at the edge of its search range: these losses do not saturate with depth)" \
-            if not 1.1e-3 < z < 9.9 else ""
+        edge = (" (z at the bottom of its search range: these losses do not level off with depth)" if z <= 1.1e-3 else
+                " (z at the top of its search range: the loss settles within a step or two)" if z >= 9.9 else "")
         log(f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}{edge}")
     if ddp:
         dist.destroy_process_group()
