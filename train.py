@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
 from model import GPT, GPTConfig
-from prepare_fineweb import open_shard, read_batch
+from prepare_fineweb import open_shard, read_batch, token_byte_lengths
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -264,9 +264,7 @@ def lr_mult(it):
     return 1 - (1 - min_lr_frac) * t
 
 
-# UTF-8 bytes of every token id, for bits per byte (a loss that does not depend on the tokenizer);
-# imported here, next to its only use
-from prepare_fineweb import token_byte_lengths  # noqa: E402
+# UTF-8 bytes of every token id, for bits per byte (a loss that does not depend on the tokenizer)
 token_bytes = torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
 
 
@@ -402,6 +400,7 @@ if init_from == "resume":
     log(f"resuming from {ckpt_path} at iter {iter_num} of {max_iters}, lr x{lr_mult(iter_num):.3f}{note}")
 bad_steps, start_iter = 0, iter_num
 t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
+loss_sum, loss_steps = torch.zeros((), device=device), 0  # the logged loss: the mean over the steps since the last log
 model.train()
 while True:
     # a resumed run's first state was evaluated when its checkpoint was written: skip that repeat
@@ -415,8 +414,6 @@ while True:
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["peak_lr"] * lr_mult(iter_num)
-    if iter_num % log_interval == 0 or iter_num == start_iter:  # a new logging interval: its mean train loss
-        loss_sum = torch.zeros((), device=device)
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = next_batch()
@@ -440,14 +437,13 @@ while True:
             raise SystemExit(f"{bad_steps} non-finite steps in a row: stopping (lower the lr, check the data)")
         continue
     bad_steps = 0
-    # the logged loss is the mean over the steps since the last log line, not one micro-batch
-    loss_sum += step_loss / (min((iter_num // log_interval + 1) * log_interval, max_iters)
-                             - max(iter_num // log_interval * log_interval, start_iter))
+    loss_sum, loss_steps = loss_sum + step_loss, loss_steps + 1  # skipped steps count in neither
     for opt in optimizers:
         opt.step()
         opt.zero_grad(set_to_none=True)
     iter_num, window = iter_num + 1, window + 1
     if iter_num % log_interval == 0 or iter_num == max_iters:
+        loss_sum /= loss_steps
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
         if device_type == "cuda":
@@ -468,5 +464,6 @@ while True:
             f"padded x{rec['padded']:.2f}, rho {loop['rho']:.4f}, state rms {state_rms:.3g}, residual {residual:.3g}")
         write_log(rec)
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
+        loss_sum, loss_steps = torch.zeros((), device=device), 0
 if ddp:
     dist.destroy_process_group()
