@@ -143,10 +143,11 @@ def check_device(device, dtype):
     return device, kind, dtype
 
 
-def load_checkpoint(path, need=()):
+def load_checkpoint(path, need=(), text=False):
     """The checked dict of a train.py checkpoint (on the CPU). Anything wrong with the file is a ValueError
     with a one-line message naming it; keys model_args lacks are settings added later (their defaults).
-    need: further keys the caller uses (resuming needs the optimizer, data position ...)."""
+    need: further keys the caller uses (resuming needs the optimizer, data position ...).
+    text: the caller reads GPT-2 text (sample.py, eval.py), which a model trained on a task (tasks.py) cannot."""
     import torch
     from model import GPTConfig
     if not os.path.exists(path):
@@ -168,6 +169,10 @@ def load_checkpoint(path, need=()):
     unknown = sorted(ckpt["model_args"].keys() - {f for f in GPTConfig.__dataclass_fields__})
     if unknown:
         raise ValueError(f"{incompatible}: model_args keys unknown to GPTConfig {unknown}")
+    task = ckpt.get("config", {}).get("task")
+    if text and task:
+        raise ValueError(f"{path} was trained on the {task!r} task (tasks.py), not on GPT-2 text: evaluate it by "
+                         f"depth with python train.py --out_dir={os.path.dirname(path) or '.'} --eval_only=True")
     missing = [k for k in need if k not in ckpt]
     if missing:
         raise ValueError(f"{path} has no {missing[0]!r}: it cannot be resumed, only evaluated or sampled from")

@@ -219,7 +219,7 @@ def main(argv):
     torch.backends.cudnn.allow_tf32 = True
 
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path, text=True)
     model = model_from_checkpoint(ckpt, ckpt_path)
     model.eval()
     model.to(dev)

@@ -75,7 +75,7 @@ torch.backends.cudnn.allow_tf32 = True
 # the checkpoint: checked before the model is built from it
 try:
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    model = model_from_checkpoint(load_checkpoint(ckpt_path), ckpt_path)
+    model = model_from_checkpoint(load_checkpoint(ckpt_path, text=True), ckpt_path)
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 model.eval()

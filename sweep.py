@@ -1,12 +1,20 @@
 """
+Two studies, each many train.py runs and then tables of mean and spread over seeds.
+
 The stability study (README "Stability"): naive, RDM and Parcae loops and the fixed-depth baseline with
 the same blocks, each trained at several learning-rate multipliers, then one table of what happened.
 
     cp ../shared/data/linuxdoc_*.bin data/linuxdoc/    # or: python prepare_fineweb.py --num_chunks 1
     python sweep.py                                    # all runs (finished ones are reused), then the table
+    python sweep.py --seeds=1337,1,2 --parallel=2      # three seeds, two runs at a time, one thread each
     python sweep.py --data_dir=data/fineweb10B --out_dir=out/sweep_fineweb
     python sweep.py --summary_only=True                # just the table, from the logs in out_dir
-    python sweep.py --parallel=2                       # two runs at a time, one thread each
+
+The parity study (README "What the loop buys"): config/parity_*.py, each with every seed, then accuracy
+against test-time depth per variant and position bucket on the long set.
+
+    python sweep.py --study=parity --seeds=1337,1,2 --parallel=2
+    python sweep.py --study=parity --task_args="--task_train_len=1,16" --out_dir=out/parity16
 
 Every run is `python train.py` with the shape below and one multiplier m: muon_lr = m * 0.02 and
 adam_lr = m * 8e-3 (train.py's defaults). Per run the table gives the final val loss at mu_rec and
@@ -30,9 +38,12 @@ import numpy as np
 from configurator import configure, exit_on_help
 
 # -----------------------------------------------------------------------------
-out_dir = "out/sweep"               # one folder per run: log.jsonl, train.log, status.json
-data_dir = "data/linuxdoc"          # GPT-2 token shards (*_train_*.bin, *_val_*.bin)
-variants = "gpt,naive,rdm,parcae"   # which of VARIANTS below to run
+study = "stability"                # "stability" (lr multipliers) or "parity" (the parity configs)
+out_dir = ""                        # one folder per run: log.jsonl, train.log, status.json; "" = out/sweep or out/parity
+data_dir = "data/linuxdoc"          # stability: GPT-2 token shards (*_train_*.bin, *_val_*.bin)
+variants = ""                       # which of the study's variants to run (comma-separated); "" = all of them
+seeds = (1337,)                     # train.py's seed: every run once per seed
+task_args = ""                      # parity: more train.py --key=value args for every run (a harder task ...)
 multipliers = (0.5, 1.0, 2.0, 4.0, 8.0)  # learning-rate multipliers around train.py's defaults
 max_iters = 100                     # optimizer steps per run
 parallel = 1                        # runs at a time (each with one OpenMP thread)
@@ -47,6 +58,11 @@ VARIANTS = {  # the injection and its paper's depth sampler; the baseline is the
     "naive": ["--injection=add", "--prelude_norm=False", "--depth_sampling=sequence", "--eval_loops=4,8"],
     "rdm": ["--injection=concat", "--prelude_norm=False", "--depth_sampling=batch", "--eval_loops=4,8"],
     "parcae": ["--injection=diagonal", "--prelude_norm=True", "--depth_sampling=sequence", "--eval_loops=4,8"],
+}
+PARITY = {  # the configs of README "What the loop buys"; RDM also at a quarter of the learning rate
+    "gpt": ["config/parity_gpt.py"], "gpt_deep": ["config/parity_gpt_deep.py"], "naive": ["config/parity_naive.py"],
+    "rdm": ["config/parity_rdm.py"], "rdm_lr0.25": ["config/parity_rdm.py", "--muon_lr=0.005", "--adam_lr=0.002"],
+    "parcae": ["config/parity_parcae.py"],
 }
 MUON_LR, ADAM_LR = 0.02, 8e-3
 SPIKE_NATS, SPIKE_WINDOW, SPIKE_MIN = 1.0, 10, 5
@@ -96,17 +112,25 @@ def summarize(run_dir, unigram, reference):
             "skipped": skipped, "spikes": spikes, "steps": len(steps), "failed": failed}
 
 
-def start(name, mult):
-    run_dir = os.path.join(out_dir, f"{name}_x{mult:g}")
+def run_name(name, mult, seed):
+    return f"{name}_s{seed}" if study == "parity" else f"{name}_x{mult:g}_s{seed}"
+
+
+def start(name, mult, seed):
+    run_dir = os.path.join(out_dir, run_name(name, mult, seed))
     if os.path.exists(os.path.join(run_dir, "status.json")):
         return None  # finished earlier: reuse it
     os.makedirs(run_dir, exist_ok=True)
     for old in ("log.jsonl", "ckpt.pt"):  # a half-finished earlier attempt starts over
         if os.path.exists(os.path.join(run_dir, old)):
             os.remove(os.path.join(run_dir, old))
-    cmd = [sys.executable, "train.py", *SHAPE, *VARIANTS[name], f"--data_dir={data_dir}", f"--out_dir={run_dir}",
-           f"--max_iters={max_iters}", f"--eval_interval={max_iters}",
-           f"--muon_lr={MUON_LR * mult}", f"--adam_lr={ADAM_LR * mult}"]
+    if study == "parity":
+        cmd = [sys.executable, "train.py", *PARITY[name], *task_args.split(), f"--out_dir={run_dir}", f"--seed={seed}",
+               "--device=cpu", "--compile=False"]
+    else:
+        cmd = [sys.executable, "train.py", *SHAPE, *VARIANTS[name], f"--data_dir={data_dir}", f"--out_dir={run_dir}",
+               f"--max_iters={max_iters}", f"--eval_interval={max_iters}", f"--seed={seed}",
+               f"--muon_lr={MUON_LR * mult}", f"--adam_lr={ADAM_LR * mult}"]
     out = open(os.path.join(run_dir, "train.log"), "w")
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS="1"),
                             cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -124,17 +148,93 @@ def fmt(x, spec):
     return "-" if x is None else ("nan" if isinstance(x, float) and not math.isfinite(x) else format(x, spec))
 
 
+def mean_sd(xs, spec=".3f"):
+    """'mean ± sd' over seeds (sample sd); one value alone; '-' for none; nan-aware."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return fmt(xs[0], spec)
+    return f"{fmt(float(np.mean(xs)), spec)} ± {fmt(float(np.std(xs, ddof=1)), spec)}"
+
+
+def parity_final(run_dir):
+    """The last task evaluation record of a parity run's log.jsonl, or None."""
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "task" in r]
+    return evals[-1] if evals else None
+
+
+def parity_tables(names):
+    """Markdown tables of the parity runs in out_dir: the summary, then per variant every bucket by depth."""
+    runs = {n: [os.path.join(out_dir, run_name(n, 1, s)) for s in seeds] for n in names}
+    runs = {n: [d for d in ds if os.path.exists(os.path.join(d, "status.json"))] for n, ds in runs.items()}
+    out = []
+    info = {}
+    for n, ds in runs.items():
+        finals, secs, steps, fails = [], [], [], 0
+        for d in ds:
+            with open(os.path.join(d, "status.json")) as f:
+                st = json.load(f)
+            rec = parity_final(d)
+            if st["returncode"] != 0 or rec is None:
+                fails += 1
+                continue
+            finals.append(rec), secs.append(st["seconds"]), steps.append(rec["iter"])
+        info[n] = (finals, secs, steps, fails, len(ds))
+    some = next((f[0] for f, *_ in info.values() if f), None)
+    if some is None:
+        return "no finished parity runs in " + out_dir
+    depths = sorted(some["task"]["long"], key=int)
+    buckets = list(some["task"]["long"][depths[0]]["acc"])
+    last = buckets[-1]
+    head = ["variant", "seeds ok", "steps", "min/run", f"id {buckets[0]} at T=mu"] + [f"T={T}" for T in depths]
+    out.append(f"Accuracy on the long set's digits at positions {last} by test-time depth T (chance "
+               f"{1 / some['mod']:.3f}), mean ± sd over seeds; 'id {buckets[0]}': the training lengths at the training depth")
+    out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for n, (finals, secs, steps, fails, total) in info.items():
+        if not finals:
+            out.append(f"| {n} | 0/{total} | " + " | ".join(["-"] * (len(head) - 2)) + " |")
+            continue
+        at_mu = [f["task"]["id"].get(str(f["mu"])) for f in finals]  # None where mu was not evaluated
+        row = [n, f"{len(finals)}/{total}", mean_sd(steps, ".0f"), mean_sd([s / 60 for s in secs], ".1f"),
+               mean_sd([r["acc"][buckets[0]] if r else None for r in at_mu])]
+        row += [mean_sd([f["task"]["long"][T]["acc"][last] for f in finals]) for T in depths]
+        out.append("| " + " | ".join(row) + " |")
+    for n, (finals, *_rest) in info.items():
+        if not finals:
+            continue
+        out.append(f"\n{n}: accuracy by position bucket, whole segments, loop state; mean ± sd over {len(finals)} seed(s)")
+        head = ["set", "T"] + buckets + ["segment", "state rms", "residual"]
+        out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+        for name in ("id", "long"):
+            for T in depths:
+                rs = [f["task"][name][T] for f in finals]
+                accs = [mean_sd([r["acc"][b] if r["acc"][b] == r["acc"][b] else None for r in rs]) for b in buckets]
+                out.append("| " + " | ".join([name, T, *accs, mean_sd([r["segment"] for r in rs]),
+                                              mean_sd([r["state_rms"] for r in rs], ".3g"),
+                                              mean_sd([r["residual"] for r in rs], ".2g")]) + " |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     exit_on_help(__file__, sys.argv[1:])
     try:
         configure(globals(), sys.argv[1:])
-        names = variants.split(",")
-        if unknown := [n for n in names if n not in VARIANTS]:
-            raise ValueError(f"unknown variant(s) {unknown}: choose from {list(VARIANTS)}")
-        unigram = unigram_loss(data_dir, 8192)
+        if study not in ("stability", "parity"):
+            raise ValueError(f"study must be 'stability' or 'parity', got {study!r}")
+        known = PARITY if study == "parity" else VARIANTS
+        names = variants.split(",") if variants else list(known)
+        if unknown := [n for n in names if n not in known]:
+            raise ValueError(f"unknown variant(s) {unknown} for study={study}: choose from {list(known)}")
+        if not seeds or not all(type(s) is int for s in seeds):
+            raise ValueError(f"seeds must be integers, e.g. --seeds=1337,1,2, got {seeds!r}")
+        out_dir = out_dir or ("out/parity" if study == "parity" else "out/sweep")
+        unigram = None if study == "parity" else unigram_loss(data_dir, 8192)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    runs = [(n, m) for n in names for m in multipliers]
+    mults = (1.0,) if study == "parity" else multipliers
+    runs = [(n, m, s) for n in names for m in mults for s in seeds]
     if not summary_only:
         t_start, todo, running = time.time(), list(runs), []
         while todo or running:
@@ -147,20 +247,29 @@ if __name__ == "__main__":
                 running.remove(job)
                 finish(*job)
         print(f"sweep took {(time.time() - t_start) / 60:.1f} min")
-    print(f"\n{data_dir}, {max_iters} steps of 1,024 tokens; unigram loss of the val prefix {unigram:.3f} nats")
+    if study == "parity":
+        print(parity_tables(names))
+        sys.exit(0)
+    print(f"\n{data_dir}, {max_iters} steps of 1,024 tokens, seeds {list(seeds)}; unigram loss of the val prefix "
+          f"{unigram:.3f} nats; mean ± sd over the seeds that finished")
     head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "failed"]
-    done = [os.path.join(out_dir, f"{n}_x{m:g}") for n, m in runs]
+    done = [os.path.join(out_dir, run_name(n, m, s)) for n, m, s in runs]
     done = [d for d in done if os.path.exists(os.path.join(d, "status.json"))]
     reference = reference_losses(done)
     rows = []
-    for name, mult in runs:
-        run_dir = os.path.join(out_dir, f"{name}_x{mult:g}")
-        if not os.path.exists(os.path.join(run_dir, "status.json")):
-            rows.append([name, f"{mult:g}", "not run"] + [""] * 6)
-            continue
-        r = summarize(run_dir, unigram, reference)
-        rows.append([name, f"{mult:g}", fmt(r["val_mu"], ".4f"), fmt(r["val_2mu"], ".4f"), fmt(r["max_rho"], ".3f") if name != "gpt" else "-",
-                     fmt(r["max_state_rms"], ".3g"), str(r["skipped"]), str(r["spikes"]), "yes" if r["failed"] else "no"])
+    for name in names:
+        for mult in mults:
+            dirs = [os.path.join(out_dir, run_name(name, mult, s)) for s in seeds]
+            rs = [summarize(d, unigram, reference) for d in dirs if os.path.exists(os.path.join(d, "status.json"))]
+            if not rs:
+                rows.append([name, f"{mult:g}", "not run"] + [""] * 6)
+                continue
+            ok = [r for r in rs if math.isfinite(r["val_mu"])]
+            rows.append([name, f"{mult:g}", mean_sd([r["val_mu"] for r in ok], ".4f"),
+                         mean_sd([r["val_2mu"] for r in ok], ".4f"),
+                         fmt(max(r["max_rho"] for r in rs), ".3f") if name != "gpt" else "-",
+                         fmt(max(r["max_state_rms"] for r in rs), ".3g"), str(sum(r["skipped"] for r in rs)),
+                         mean_sd([r["spikes"] for r in rs], ".1f"), f"{sum(r['failed'] for r in rs)}/{len(rs)}"])
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for row in rows:
         print("| " + " | ".join(row) + " |")

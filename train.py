@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
+import tasks
 from model import GPT, GPTConfig
 from prepare_fineweb import open_shard, read_batch, token_byte_lengths
 
@@ -51,6 +52,13 @@ log_interval = 10                # print training stats every this many steps
 eval_only = False                # evaluate the checkpoint in out_dir and exit
 eval_loops = ()                  # loop depths to evaluate; () = 1, 2, mu/2, mu, 2 mu
 val_tokens = 10_485_760          # fixed prefix of the val shard(s) used by every evaluation
+# a synthetic task instead of token shards (tasks.py, README "What the loop buys")
+task = ""                        # "" = the token shards in data_dir; "parity" = running sum mod task_mod over segments
+task_mod = 2                     # m: each digit's label is its segment's running sum mod m (2 = parity)
+task_train_len = (1, 8)          # shortest, longest segment in training rows and in the "id" eval set
+task_long_len = (31, 31)         # shortest, longest segment in the "long" eval set: longer than any trained on
+task_eval_rows = 256             # rows in each of the two eval sets
+task_eval_seed = 0               # the eval sets' seed: the same sets in every run, none of them a training batch
 # data and batch
 batch_size = 16                  # micro-batch, sequences per device
 block_size = 1024                # sequence length
@@ -131,6 +139,15 @@ if init_from == "resume" or eval_only:  # checked before anything else is loaded
     if not eval_only and ckpt["iter_num"] >= max_iters:
         raise SystemExit(f"error: {ckpt_path} is at iter {ckpt['iter_num']}, max_iters is {max_iters}: nothing to "
                          f"train; continue with --max_iters=N above {ckpt['iter_num']}, or evaluate with --eval_only=True")
+if task:  # checked here, after a checkpoint's settings: a resumed task run keeps its task
+    try:
+        tasks.check(task, task_mod, task_train_len, task_long_len, block_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if "vocab_size" in cli_keys and vocab_size != tasks.vocab_size(task_mod):
+        raise SystemExit(f"error: vocab_size follows the task: task_mod={task_mod} needs {tasks.vocab_size(task_mod)} "
+                         f"tokens (PAD, BOS, SEP and {task_mod} digits), got --vocab_size={vocab_size}")
+    vocab_size = settings["vocab_size"] = tasks.vocab_size(task_mod)
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 
 # distributed setup: one process per device, launched by torchrun
@@ -179,20 +196,28 @@ def shards(split):
         raise SystemExit(f"bad shard: {e}") from None
 
 
-# data: train shards read sequentially, the val prefix read once
-train_shards = [] if eval_only else shards("train")
-if any(len(s) < tokens_per_micro + 1 for s in train_shards):
-    raise SystemExit(f"a train shard in {data_dir} has fewer than {tokens_per_micro + 1} tokens")
-val = np.concatenate(shards("val"))
-val_seqs = min(val_tokens, len(val) - 1) // (block_size * batch_size * world) * batch_size * world
-if val_seqs == 0:
-    raise SystemExit(f"the val shards hold {len(val)} tokens, fewer than one batch of every rank")
-data_pos = [0, 0]  # (shard, offset) of the next global micro-batch
+# data: train shards read sequentially, the val prefix read once; or a task's batches made on the fly
+if task:
+    train_shards, val = [], None
+    task_sets = tasks.eval_sets(task_eval_seed, task_eval_rows, block_size, task_train_len, task_long_len, task_mod)
+    task_buckets = tasks.buckets(task_train_len, task_long_len)
+else:
+    train_shards = [] if eval_only else shards("train")
+    if any(len(s) < tokens_per_micro + 1 for s in train_shards):
+        raise SystemExit(f"a train shard in {data_dir} has fewer than {tokens_per_micro + 1} tokens")
+    val = np.concatenate(shards("val"))
+    val_seqs = min(val_tokens, len(val) - 1) // (block_size * batch_size * world) * batch_size * world
+    if val_seqs == 0:
+        raise SystemExit(f"the val shards hold {len(val)} tokens, fewer than one batch of every rank")
+data_pos = [0, 0]  # (shard, offset) of the next global micro-batch; a task's: (micro-batch counter, 0)
 
 
 def next_batch():
     """read_batch, with two checks: a token id past the embedding (an IndexError deep inside the model
     otherwise) and the data wrapping around to its start (from then on the model sees tokens again)."""
+    if task:  # batch i of rank r is a function of (seed, r, i): resuming at data_pos gives the same data
+        data_pos[0] += 1
+        return tasks.train_batch(seed, rank, data_pos[0] - 1, batch_size, block_size, task_train_len, task_mod)
     before = list(data_pos)
     x, y = read_batch(train_shards, data_pos, batch_size, block_size, rank, world)
     if data_pos == [0, world * batch_size * block_size] and before != [0, 0]:
@@ -238,7 +263,7 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 cfg = raw_model.config
-if int(val[:val_seqs * block_size + 1].max()) >= cfg.vocab_size:  # every token evaluate() reads, checked once
+if not task and int(val[:val_seqs * block_size + 1].max()) >= cfg.vocab_size:  # every token evaluate() reads, checked once
     raise SystemExit(f"error: the val shards in {data_dir} hold token id {int(val.max())}, not below "
                      f"vocab_size={cfg.vocab_size}: shards of another tokenizer, or a vocab_size too small")
 if not eval_loops:
@@ -247,6 +272,10 @@ if not peak_flops and device_type == "cuda":
     peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
 log(f"{cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M unique parameters, "
     f"{world} process(es), grad_accum {grad_accum}, device {device}, {dtype}, compile {compile}")
+if task:
+    log(f"task {task} mod {task_mod}: rows of {block_size} tokens, training segments of {task_train_len[0]}-{task_train_len[1]} "
+        f"digits, long set {task_long_len[0]}-{task_long_len[1]}; chance is 1/{task_mod} = {1 / task_mod:.3f}. "
+        f"Bits per byte and val_tokens do not apply: the labels are digits, not text")
 if from_ckpt:
     log("settings from the checkpoint (--key=value overrides them): " + ", ".join(f"{k}={v!r}" for k, v in from_ckpt.items()))
 
@@ -265,7 +294,7 @@ def lr_mult(it):
 
 
 # UTF-8 bytes of every token id, for bits per byte (a loss that does not depend on the tokenizer)
-token_bytes = torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
+token_bytes = None if task else torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
 
 
 @torch.no_grad()
@@ -299,6 +328,42 @@ def evaluate():
     return losses, bpbs, states
 
 
+def evaluate_task():
+    """tasks.evaluate on both eval sets at every depth in eval_loops, this rank's share, summed over ranks."""
+    model.eval()
+    res = tasks.evaluate(raw_model, task_sets, eval_loops, task_buckets, max(batch_size, 128), device, ctx, rank, world,
+                         all_reduce=all_reduce_cpu if ddp else None)
+    model.train()
+    return res
+
+
+def all_reduce_cpu(t):
+    """Sum a CPU tensor over ranks (through the device: NCCL reduces only GPU tensors)."""
+    t_dev = t.to(device)
+    dist.all_reduce(t_dev)
+    return t_dev.cpu()
+
+
+def report_task_eval():
+    res = evaluate_task()
+    names = [f"{lo}-{hi}" for lo, hi in task_buckets]
+    rows = [f"step {iter_num}, {task} mod {task_mod} (chance {1 / task_mod:.3f}): accuracy per labelled digit by its "
+            f"position in the segment, whole segments right, loss on the digits, loop state",
+            f"  {'set':<5} {'T':>4} " + " ".join(f"{n:>6}" for n in names) + "  segment    loss  state rms  residual"]
+    for name, by_T in res.items():
+        for T, r in by_T.items():
+            accs = " ".join(f"{a:6.3f}" if a == a else f"{'-':>6}" for a in r["acc"].values())
+            rows.append(f"  {name:<5} {T:>4} {accs}  {r['segment']:7.3f}  {r['loss']:6.4f}  {r['state_rms']:9.3g}  "
+                        f"{r['residual']:8.3g}")
+    log("\n".join(rows))
+    # "val" is the id set's loss, so every tool that reads val losses (sweep.py, the fit) reads this run too
+    write_log({"iter": iter_num, "val": {T: r["loss"] for T, r in res["id"].items()},
+               "val_state_rms": {T: r["state_rms"] for T, r in res["id"].items()},
+               "val_residual": {T: r["residual"] for T, r in res["id"].items()},
+               "task": res, "mod": task_mod, "mu": cfg.mean_recurrence})
+    return {T: r["loss"] for T, r in res["id"].items()}
+
+
 def fit_saturating_exp(T, L):
     """Least squares L(T) = L_inf + Z exp(-z T): a grid over z, closed form for (L_inf, Z)."""
     T, L = np.asarray(T, float), np.asarray(L, float)
@@ -319,6 +384,8 @@ def write_log(record):
 
 
 def report_eval():
+    if task:
+        return report_task_eval()
     losses, bpbs, states = evaluate()
     log(f"step {iter_num} val loss by loop depth:\n" + "\n".join(
         f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}   state rms {states[T][0]:.3g}   residual {states[T][1]:.3g}"
