@@ -217,6 +217,31 @@ def parity_tables(names):
     return "\n".join(out)
 
 
+def stability_table(names, mults, unigram):
+    """The Stability table of the runs in out_dir: per variant and multiplier, mean ± sd over the seeds that
+    finished; max rho and state RMS over seeds, skipped steps summed, failures counted per seed."""
+    out = [f"\n{data_dir}, {max_iters} steps of 1,024 tokens, seeds {list(seeds)}; unigram loss of the val prefix "
+           f"{unigram:.3f} nats; mean ± sd over seeds"]
+    head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "failed"]
+    done = [os.path.join(out_dir, run_name(n, m, s)) for n in names for m in mults for s in seeds]
+    reference = reference_losses([d for d in done if os.path.exists(os.path.join(d, "status.json"))])
+    out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for name in names:
+        for mult in mults:
+            dirs = [os.path.join(out_dir, run_name(name, mult, s)) for s in seeds]
+            rs = [summarize(d, unigram, reference) for d in dirs if os.path.exists(os.path.join(d, "status.json"))]
+            if not rs:
+                out.append(f"| {name} | {mult:g} | not run |" + " |" * 6)
+                continue
+            ok = [r for r in rs if math.isfinite(r["val_mu"])]  # a diverged run has no final loss to average
+            row = [name, f"{mult:g}", mean_sd([r["val_mu"] for r in ok], ".4f"), mean_sd([r["val_2mu"] for r in ok], ".4f"),
+                   fmt(max(r["max_rho"] for r in rs), ".3f") if name != "gpt" else "-",
+                   fmt(max(r["max_state_rms"] for r in rs), ".3g"), str(sum(r["skipped"] for r in rs)),
+                   mean_sd([r["spikes"] for r in rs], ".1f"), f"{sum(r['failed'] for r in rs)}/{len(rs)}"]
+            out.append("| " + " | ".join(row) + " |")
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
     exit_on_help(__file__, sys.argv[1:])
     try:
@@ -250,26 +275,4 @@ if __name__ == "__main__":
     if study == "parity":
         print(parity_tables(names))
         sys.exit(0)
-    print(f"\n{data_dir}, {max_iters} steps of 1,024 tokens, seeds {list(seeds)}; unigram loss of the val prefix "
-          f"{unigram:.3f} nats; mean ± sd over the seeds that finished")
-    head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "failed"]
-    done = [os.path.join(out_dir, run_name(n, m, s)) for n, m, s in runs]
-    done = [d for d in done if os.path.exists(os.path.join(d, "status.json"))]
-    reference = reference_losses(done)
-    rows = []
-    for name in names:
-        for mult in mults:
-            dirs = [os.path.join(out_dir, run_name(name, mult, s)) for s in seeds]
-            rs = [summarize(d, unigram, reference) for d in dirs if os.path.exists(os.path.join(d, "status.json"))]
-            if not rs:
-                rows.append([name, f"{mult:g}", "not run"] + [""] * 6)
-                continue
-            ok = [r for r in rs if math.isfinite(r["val_mu"])]
-            rows.append([name, f"{mult:g}", mean_sd([r["val_mu"] for r in ok], ".4f"),
-                         mean_sd([r["val_2mu"] for r in ok], ".4f"),
-                         fmt(max(r["max_rho"] for r in rs), ".3f") if name != "gpt" else "-",
-                         fmt(max(r["max_state_rms"] for r in rs), ".3g"), str(sum(r["skipped"] for r in rs)),
-                         mean_sd([r["spikes"] for r in rs], ".1f"), f"{sum(r['failed'] for r in rs)}/{len(rs)}"])
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(stability_table(names, mults, unigram))

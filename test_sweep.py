@@ -62,3 +62,49 @@ def test_unigram_loss_by_hand(tmp_path):
     p = counts / counts.sum()
     expected = -np.mean(np.log(p[[1, 2, 7]]))
     assert abs(unigram_loss(str(tmp_path), 3) - expected) < 1e-12
+
+
+def test_stability_table_gives_mean_and_spread_over_seeds(tmp_path, monkeypatch):
+    import sweep
+    monkeypatch.setattr(sweep, "out_dir", str(tmp_path))
+    monkeypatch.setattr(sweep, "seeds", (1, 2))
+    monkeypatch.setattr(sweep, "study", "stability")
+    flat = [5.0] * 12
+    fake_run(tmp_path / "naive_x1_s1", flat, [1.0] * 12, [2.0] * 12, {"4": 4.0, "8": 4.2}, 0)
+    fake_run(tmp_path / "naive_x1_s2", flat, [1.0] * 12, [6.0] * 12, {"4": 5.0, "8": 5.2}, 0)
+    fake_run(tmp_path / "parcae_x1_s1", flat, [0.5] * 12, [1.0] * 12, {"4": 4.5, "8": 4.4}, 0)
+    fake_run(tmp_path / "parcae_x1_s2", flat, [0.7] * 12, [1.0] * 12, None, 1, skipped=2)  # diverged
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in
+            sweep.stability_table(["naive", "parcae", "rdm"], (1.0,), 7.0).splitlines() if line.startswith("| ")}
+    assert rows["naive"][2] == "4.5000 ± 0.7071" and rows["naive"][5] == "6" and rows["naive"][8] == "0/2 |"
+    assert rows["parcae"][2] == "4.5000" and rows["parcae"][4] == "0.700" and rows["parcae"][6] == "2"
+    assert rows["parcae"][8] == "1/2 |"  # failures are counted per seed, the diverged one has no final loss
+    assert "not run" in rows["rdm"][2]
+
+
+def parity_run(path, long_acc, seconds, returncode=0):
+    os.makedirs(path)
+    res = lambda a: {"acc": {"1-8": 1.0, "25-31": a}, "segment": a / 2, "loss": 0.1, "state_rms": 3.0, "residual": 0.01}
+    rec = {"iter": 750, "val": {"8": 0.1}, "mod": 2, "mu": 8,
+           "task": {"id": {"8": res(float("nan")), "32": res(float("nan"))}, "long": {"8": res(0.5), "32": res(long_acc)}}}
+    with open(os.path.join(path, "log.jsonl"), "w") as f:
+        f.write(json.dumps(rec) + "\n")
+    with open(os.path.join(path, "status.json"), "w") as f:
+        json.dump({"returncode": returncode, "seconds": seconds}, f)
+
+
+def test_parity_tables_give_mean_and_spread_over_seeds(tmp_path, monkeypatch):
+    import sweep
+    monkeypatch.setattr(sweep, "out_dir", str(tmp_path))
+    monkeypatch.setattr(sweep, "seeds", (1, 2, 3))
+    monkeypatch.setattr(sweep, "study", "parity")
+    parity_run(tmp_path / "parcae_s1", 0.9, 300)
+    parity_run(tmp_path / "parcae_s2", 1.0, 360)
+    parity_run(tmp_path / "parcae_s3", 0.2, 10, returncode=1)  # crashed: counted, not averaged
+    text = sweep.parity_tables(["parcae", "naive"])
+    assert "chance 0.500" in text
+    summary = next(line for line in text.splitlines() if line.startswith("| parcae |"))
+    assert summary == "| parcae | 2/3 | 750 ± 0 | 5.5 ± 0.7 | 1.000 ± 0.000 | 0.500 ± 0.000 | 0.950 ± 0.071 |"
+    assert "| naive | 0/0 |" in text
+    assert "| long | 32 | 1.000 ± 0.000 | 0.950 ± 0.071 | 0.475 ± 0.035 |" in text
+    assert "| id | 32 | 1.000 ± 0.000 | - |" in text  # a bucket with no digits is '-'
