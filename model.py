@@ -2,13 +2,17 @@
 A looped transformer language model in one file.
 
     x = Prelude(wte[idx]);  e = RMSNorm(x)             run once
-    h = h0;  repeat T times: h = Core(Inject(h, e))    the SAME core weights every step
-    logits = RMSNorm(Coda(C h)) @ wte^T                run once
+    h = h0;  repeat T times: h = Core(Inject(h, e))    the SAME core weights every step (T: the loop depth)
+    logits = RMSNorm(Coda(Out(h))) @ wte^T             run once; Out(h) = C h for "diagonal", h otherwise
 
 Three ways to inject the input e into the loop (GPTConfig.injection):
     "add"       naive addition            h + e                          (LoopLM-135M-naive)
     "concat"    concat + projection       W [h; e]                       (RDM / Huginn)
     "diagonal"  stable diagonal system    exp(-dt*A) * h + dt * (B e)    (Parcae)
+
+Everything an injection adds sits in six places: its parameters (GPT.__init__), their init
+(init_weights), inject(), Out before the coda (_coda, "diagonal" only), its rho (loop_stats) and its
+FLOPs (estimate_flops). L is the sequence length throughout, T the loop depth.
 
 Use it:
     from model import GPT, GPTConfig
@@ -86,7 +90,7 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.to(self.weight.dtype), (x.size(-1),), self.weight, NORM_EPS).type_as(x)
 
 
-def apply_rope(x, cos, sin):  # x (B, T, H, hd), cos/sin (T, hd/2); rotate-half layout
+def apply_rope(x, cos, sin):  # x (B, L, H, hd), cos/sin (L, hd/2); rotate-half layout
     # rotate in fp32 (or finer) and round once: in bf16 the rotation would round cos, sin and the products
     dtype = torch.promote_types(x.dtype, torch.float32)
     x1, x2 = x.to(dtype).chunk(2, dim=-1)
@@ -126,23 +130,23 @@ class Attention(nn.Module):
         self.o = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
 
     def forward(self, x, cos, sin, cache=None, store=True):
-        B, T, C = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim)
+        B, L, C = x.shape  # L tokens (T is the loop depth)
+        q = self.q(x).view(B, L, self.n_head, self.head_dim)
+        k = self.k(x).view(B, L, self.n_kv_head, self.head_dim)
+        v = self.v(x).view(B, L, self.n_kv_head, self.head_dim)
         # QK-norm without parameters keeps attention logits bounded however the loop state grows
         q = apply_rope(F.rms_norm(q, (self.head_dim,), eps=QK_EPS), cos, sin)
         k = apply_rope(F.rms_norm(k, (self.head_dim,), eps=QK_EPS), cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, hd)
         past = 0 if cache is None else len(cache)
         if cache is not None:
             k, v = cache(k, v, store)
         mask = None  # causal: a fresh sequence, or one new token that sees everything cached
-        if past and T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if past and L > 1:
+            mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
                                            enable_gqa=self.n_kv_head != self.n_head)
-        return self.o(y.transpose(1, 2).reshape(B, T, C))
+        return self.o(y.transpose(1, 2).reshape(B, L, C))
 
 
 class MLP(nn.Module):
@@ -170,6 +174,29 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def deepest_first(T):
+    """The row order (B,) that sorts the depths T deepest first (stable), or None if they already are."""
+    if not (T[1:] > T[:-1]).any():
+        return None
+    return T.argsort(descending=True, stable=True)  # on the CPU, like the depths
+
+
+def active_prefixes(steps):
+    """(m, m_next) for each step s of a loop phase: rows [0, m) run step s, and rows [m_next, m) run their
+    last one. steps (B,) does not increase along the rows, so the rows with steps > s are a prefix."""
+    active = [int((steps > s).sum()) for s in range(int(steps.max()))] + [0]
+    return list(zip(active, active[1:]))
+
+
+@torch.no_grad()
+def _telemetry(hT, h_prev, rms, residual):
+    """Per row, into rms and residual: the RMS of h_T per token and |h_T - h_T-1| / |h_T| per token, averaged
+    over the row's tokens. In fp64: an exploding state (RDM's reached 1e19) would overflow fp32 when squared."""
+    hT, step = hT.double(), (hT - h_prev).double()
+    rms[:] = hT.pow(2).mean(-1).sqrt().mean(-1)
+    residual[:] = (step.norm(dim=-1) / hT.norm(dim=-1).clamp(min=1e-12)).mean(-1)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -181,13 +208,14 @@ class GPT(nn.Module):
         self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.ln_f = RMSNorm(d)
+        # the injection's own parameters (the docstring lists every place an injection adds code)
         if cfg.injection == "concat":
             self.W = nn.Linear(2 * d, d, bias=False)  # acts on [h ; e], state first
         if cfg.injection == "diagonal":
             self.A_log = nn.Parameter(torch.zeros(d))
             self.dt_bias = nn.Parameter(torch.zeros(d))
             self.B = nn.Linear(d, d, bias=False)
-            self.C = nn.Linear(d, d, bias=False)  # output projection of the loop
+            self.C = nn.Linear(d, d, bias=False)  # Out: the loop's output projection
         hd = d // cfg.n_head
         inv_freq = cfg.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
         angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
@@ -244,7 +272,7 @@ class GPT(nn.Module):
 
     # --- the pieces of the forward pass ----------------------------------------------------
     def _prelude(self, idx, cos, sin, caches=None):
-        x = self.wte(idx)  # (B, T, C)
+        x = self.wte(idx)  # (B, L, C)
         for i, block in enumerate(self.prelude):
             x = block(x, cos, sin, None if caches is None else caches[i])
         return x if self.ln_prelude is None else self.ln_prelude(x)
@@ -272,7 +300,7 @@ class GPT(nn.Module):
         return x
 
     def _coda(self, h, cos, sin, caches=None, store=True):
-        y = self.C(h) if self.config.injection == "diagonal" else h
+        y = self.C(h) if self.config.injection == "diagonal" else h  # Out(h)
         for i, block in enumerate(self.coda):
             y = block(y, cos, sin, None if caches is None else caches[i], store)
         return self.ln_f(y)
@@ -282,59 +310,60 @@ class GPT(nn.Module):
         return logits if logits.dtype == torch.float64 else logits.float()  # fp32 (fp64 kept for tests)
 
     def _loop(self, h, e, cos, sin, n, k):
-        """Run sequence i for n[i] steps without gradient, then k[i] steps with it (Parcae). The loop is
-        time-invariant, so this is T_i = n_i + k_i steps with gradient through the last k_i. The rows come
-        sorted deepest first, and n, k are non-decreasing in T: the rows still running are a prefix h[:m]."""
+        """The loop of the docstring, row i running T_i = n_i + k_i steps:
+
+            for t in range(T_i):  h = core_step(h, e)
+
+        with three systems concerns on top, each a named step below:
+        1. truncated backprop (Parcae): the first n_i steps run without gradient, the last k_i with it.
+           The core is the same at every step, so all rows run their n-phase, then all their k-phase;
+        2. per-row depth: rows come sorted deepest first and n, k grow with T, so in each phase the rows
+           still running are a prefix h[:m] (active_prefixes); only those are computed;
+        3. loop_checkpoint: a gradient step keeps only its input and is recomputed in backward.
+        At each row's last step, _telemetry records its state RMS and the step's relative size."""
         rms, residual = torch.zeros(2, len(h), device=h.device, dtype=torch.float32)
-        for steps, grad in ((n, False), (k, True)):
-            last = grad  # every row's last step is in the gradient phase (k_i >= 1)
-            grad = grad and torch.is_grad_enabled()
+        for steps, with_grad in ((n, False), (k, True)):  # 1: the no-gradient phase, then the gradient phase
+            grad = with_grad and torch.is_grad_enabled()  # no_grad() callers (eval) run both phases without
             # gradient stops at the state entering the first gradient step; e gets it from every gradient step
             h, inp = h.detach(), (e if grad else e.detach())
             with torch.set_grad_enabled(grad):
-                active = [int((steps > s).sum()) for s in range(int(steps.max()))] + [0]
-                for m, m_next in zip(active, active[1:]):
-                    # rows are independent sequences: running only the m unfinished ones computes the same function
-                    if grad and self.config.loop_checkpoint:  # keep only the step's input; recompute in backward
+                for m, m_next in active_prefixes(steps):  # 2: rows [0, m) run this step, [m_next, m) finish
+                    if grad and self.config.loop_checkpoint:  # 3
                         x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, use_reentrant=False,
                                        preserve_rng_state=False)  # the core draws no random numbers
                     else:
                         x = self.core_step(h[:m], inp[:m], cos, sin)
-                    if last:  # telemetry of rows m_next..m, whose last step this is: does the state settle?
-                        with torch.no_grad():
-                            # fp64: an exploding state (RDM's reached 1e19) would overflow fp32 when squared
-                            hT, step = x[m_next:].double(), (x[m_next:] - h[m_next:m]).double()
-                            rms[m_next:m] = hT.pow(2).mean(-1).sqrt().mean(-1)
-                            residual[m_next:m] = (step.norm(dim=-1) / hT.norm(dim=-1).clamp(min=1e-12)).mean(-1)
+                    if with_grad:  # every row ends in the gradient phase (k_i >= 1): its last step is here
+                        _telemetry(x[m_next:], h[m_next:m], rms[m_next:m], residual[m_next:m])
                     h = x if m == len(h) else torch.cat([x, h[m:]])  # finished rows keep their state
                     self.last_rows_run += m
         return h, rms, residual
 
     def forward(self, idx, targets=None, num_loops=None, h0=None):
-        B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
-        cos, sin = self.cos[:T], self.sin[:T]
-        e = self._prelude(idx, cos, sin)  # (B, T, C) the input injected at every step
+        B, L = idx.shape  # L tokens per row (T is the loop depth)
+        if L > self.config.block_size:
+            raise ValueError(f"sequence of length {L} is longer than block_size={self.config.block_size}")
+        cos, sin = self.cos[:L], self.sin[:L]
+        e = self._prelude(idx, cos, sin)  # (B, L, C) the input injected at every step
         if h0 is None:  # a caller's h0 gets no gradient: it stops at the first gradient step's input
             h0 = self.initial_state(e)
         elif h0.shape != e.shape:
             raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {tuple(e.shape)}")
+        # the per-row schedule, once: n steps without gradient, then k with it, rows run deepest first
         n, k = self._depths(B, num_loops)
         self.last_depths, self.last_rows_run = (n, k), 0
-        depth = n + k
-        if (depth[1:] > depth[:-1]).any():  # deepest first, so _loop runs a prefix of rows; then back in order
-            order = depth.argsort(descending=True, stable=True)  # (B,) on the CPU, like the depths
-            o = (order.pin_memory() if e.is_cuda else order).to(e.device, non_blocking=True)  # no host sync
-            back = o.argsort()
-            h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order]))
-        else:
+        order = deepest_first(n + k)
+        if order is None:  # already sorted (eval: every row at the same depth)
             h, rms, residual = self._loop(h0, e, cos, sin, n, k)
+        else:
+            o = (order.pin_memory() if e.is_cuda else order).to(e.device, non_blocking=True)  # no host sync
+            back = o.argsort()  # the caller's row order again, before the coda
+            h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order]))
         self.last_state = (rms, residual)
-        y = self._coda(h, cos, sin)  # (B, T, C)
+        y = self._coda(h, cos, sin)  # (B, L, C)
         if targets is None:
             return self.head(y[:, [-1], :]), None  # (B, 1, V)
-        logits = self.head(y)  # (B, T, V)
+        logits = self.head(y)  # (B, L, V)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
@@ -349,9 +378,10 @@ class GPT(nn.Module):
     # --- cost and optimizers ----------------------------------------------------------------
     def estimate_flops(self, seq_len, n, k, backward=True):
         """Matmul FLOPs of one forward (+ backward) where sequence i runs n[i] loop steps without and
-        k[i] with gradient (backward costs 2x forward). Attention counts the full T^2 (the usual
+        k[i] with gradient (backward costs 2x forward). Attention counts the full L^2 (the usual
         convention, and what FlopCounterMode counts for SDPA's math and CUDA kernels). The forward runs
-        exactly these steps (_loop); B copies of the maxima give what padded execution would cost."""
+        exactly these steps (_loop); B copies of the maxima give what padded execution would cost.
+        seq_len is L, the tokens per row."""
         cfg, d = self.config, self.config.n_embd
         kv_dim = cfg.n_kv_head * (d // cfg.n_head)
         mlp = (3 if cfg.mlp == "swiglu" else 2) * d * (cfg.mlp_hidden or 4 * d)  # gate, up, down
@@ -378,8 +408,11 @@ class GPT(nn.Module):
     # --- stability diagnostics (README "Stability") ---------------------------------------
     @torch.no_grad()
     def loop_stats(self):
-        """Spectral radius rho of the loop's linear part A-bar, and cheap companions."""
+        """Spectral radius rho of the loop's linear part A-bar, and cheap companions; {} for the fixed-depth
+        baseline (mean_recurrence 1, depth_sampling "fixed"), which trains no loop."""
         inj, d = self.config.injection, self.config.n_embd
+        if self.config.mean_recurrence == 1 and self.config.depth_sampling == "fixed":
+            return {}
         if inj == "add":
             return {"rho": 1.0}  # A-bar = I: on the stability boundary
         if inj == "concat":
@@ -462,7 +495,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, num_loops=None, use_cache=True,
                  cache="full", exit_criterion="none", exit_threshold=0.0, return_stats=False):
-        """Sample max_new_tokens after idx (B, T). temperature=0 is greedy. Prompt tokens run num_loops
+        """Sample max_new_tokens after idx (B, L). temperature=0 is greedy. Prompt tokens run num_loops
         steps; with an exit criterion each generated token may leave the loop earlier."""
         num_loops = self.config.mean_recurrence if num_loops is None else num_loops
         if num_loops < 1:

@@ -107,7 +107,7 @@ def summarize(run_dir, unigram, reference):
     at_mu = final[depths[0]] if depths else float("nan")
     failed = status["returncode"] != 0 or not math.isfinite(at_mu) or at_mu > unigram  # diverged, or never learned
     return {"val_mu": at_mu, "val_2mu": final[depths[1]] if len(depths) > 1 else None,
-            "max_rho": max((r["rho"] for r in steps), default=float("nan")),
+            "max_rho": max((r["rho"] for r in steps if "rho" in r), default=float("nan")),  # none: no loop
             "max_state_rms": max((r["state_rms"] for r in steps), default=float("nan")),
             "skipped": skipped, "spikes": spikes, "steps": len(steps), "failed": failed}
 

@@ -409,6 +409,8 @@ def test_diagonal_stable_by_construction():
 
 def test_loop_stats_add_and_concat():
     assert GPT(tiny("add")).loop_stats()["rho"] == 1.0
+    # the fixed-depth baseline trains no loop: no rho to report
+    assert GPT(tiny("add", mean_recurrence=1, depth_sampling="fixed")).loop_stats() == {}
     model = GPT(tiny("concat"))
     with torch.no_grad():
         model.W.weight[:, :32] = 2 * torch.eye(32)

@@ -411,3 +411,7 @@ def test_log_has_loop_telemetry(tmp_path, data):
           "--injection=concat", "--eval_loops=3")
     step = [r for r in read_log(out) if "loss" in r][0]
     assert step["sigma_max"] >= step["rho"] > 0 and step["state_rms"] > 0 and 0 < step["residual"]
+    out = str(tmp_path / "gpt")  # the fixed-depth baseline: the log says "no loop" instead of a rho of 1
+    r = train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=100",
+              "--injection=add", "--mean_recurrence=1", "--backprop_depth=1", "--eval_loops=1")
+    assert "no loop, state rms" in r.stdout and "rho" not in [r for r in read_log(out) if "loss" in r][0]

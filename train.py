@@ -526,9 +526,10 @@ while True:
         rec = {"iter": iter_num, "loss": loss_sum.item(), "lr_mult": lr_mult(iter_num - 1), "grad_norm": grad_norm.item(),
                "ms": dt * 1000, "tok_s": total_batch_size / dt, "mfu": mfu,
                "padded": work[2].item() / work[1].item(), **loop, "state_rms": state_rms, "residual": residual}
+        rho = f"rho {loop['rho']:.4f}" if loop else "no loop"  # the fixed-depth baseline has none
         log(f"iter {iter_num}: loss {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, grad norm {rec['grad_norm']:.3f}, "
             f"{rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, MFU {f'{100 * mfu:.1f}%' if peak_flops else 'n/a'}, "
-            f"padded x{rec['padded']:.2f}, rho {loop['rho']:.4f}, state rms {state_rms:.3g}, residual {residual:.3g}")
+            f"padded x{rec['padded']:.2f}, {rho}, state rms {state_rms:.3g}, residual {residual:.3g}")
         write_log(rec)
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
         loss_sum, loss_steps = torch.zeros((), device=device), 0
