@@ -2,8 +2,9 @@
 Train a looped transformer on GPT-2 token shards.
 
 CPU quick start (a few minutes on a laptop):
+    python train.py config/parity_parcae.py     # running parity (tasks.py): no data to prepare
     python prepare_fineweb.py --sample
-    python train.py config/tiny.py
+    python train.py config/tiny.py              # text
 
 One GPU, or one node of 8:
     python train.py config/parcae_135m.py

@@ -1,4 +1,5 @@
-# Running parity (README "What the loop buys"): the fixed-depth model of the same blocks, run once (no loop; equal parameters but the injection's), about 5 minutes on 2 cores.
+# Running parity (README "What the loop buys"): the same three blocks run once, no loop (the parameters of
+# the loop but its injection's), about 3 minutes on 2 cores.
 # python train.py config/parity_gpt.py
 out_dir = "out/parity_gpt"
 task = "parity"

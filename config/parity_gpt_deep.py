@@ -1,4 +1,5 @@
-# Running parity (README "What the loop buys"): a fixed-depth model of 10 distinct blocks: the loop's FLOPs at its training depth (8 core steps + prelude + coda), 3.3x the parameters, about 5 minutes on 2 cores.
+# Running parity (README "What the loop buys"): 10 distinct blocks run once, no loop: the FLOPs of the loop
+# at its training depth (prelude + 8 core steps + coda) with 3.3x its parameters, about 8 minutes on 2 cores.
 # python train.py config/parity_gpt_deep.py
 out_dir = "out/parity_gpt_deep"
 task = "parity"

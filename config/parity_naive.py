@@ -1,4 +1,5 @@
-# Running parity (README "What the loop buys"): the naive loop (h + e, LoopLM-135M-naive), about 5 minutes on 2 cores.
+# Running parity (README "What the loop buys"): the naive loop, h + e (LoopLM-135M-naive), about 5
+# minutes on 2 cores.
 # python train.py config/parity_naive.py
 out_dir = "out/parity_naive"
 task = "parity"

@@ -1,4 +1,4 @@
-# Running parity (README "What the loop buys"): the Parcae loop, about 5 minutes on 2 cores.
+# Running parity (README "What the loop buys"): Parcae's loop, about 5 minutes on 2 cores.
 # python train.py config/parity_parcae.py
 out_dir = "out/parity_parcae"
 task = "parity"

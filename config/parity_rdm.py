@@ -1,4 +1,5 @@
-# Running parity (README "What the loop buys"): RDM's concat + projection loop with its per-batch depth (Huginn), about 5 minutes on 2 cores.
+# Running parity (README "What the loop buys"): RDM's concat + projection loop with its per-batch depth
+# (Huginn), about 5 minutes on 2 cores.
 # python train.py config/parity_rdm.py
 out_dir = "out/parity_rdm"
 task = "parity"
