@@ -5,7 +5,9 @@ module-level globals and calls
     configure(globals(), sys.argv[1:])
 
 Every argument is either a Python config file (its assignments override the globals) or
---key=value. An unknown key or a value of the wrong type is an error that names the key.
+--key=value. A setting whose default is a str takes the text after = as it is (--start=1984 is the
+prompt "1984"); any other value is a Python literal (--max_iters=100, --eval_loops=1,2,4), or a bare
+word as a str. An unknown key or a value of the wrong type is an error that names the key.
 
 load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one.
 """
@@ -98,7 +100,8 @@ def configure(settings, argv):
             if "=" not in arg:
                 raise ValueError(f"expected --key=value, got {arg!r}")
             key, text = arg[2:].split("=", 1)
-            assign(key, _parse(text), "command line")
+            # a str setting keeps the text as typed: a prompt of 1984 or None, quotes and all
+            assign(key, text if isinstance(settings.get(key), str) else _parse(text), "command line")
             on_command_line.add(key)
         else:
             scope = {}

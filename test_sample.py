@@ -157,3 +157,9 @@ def test_unreadable_checkpoint(tmp_path, kind, words):
     blob = open(os.path.join(path, "ckpt.pt"), "rb").read()
     open(os.path.join(path, "ckpt.pt"), "wb").write(b"" if kind == "empty" else blob[:len(blob) // 2])
     check_error(sample(f"--out_dir={path}"), "ckpt.pt", *words)
+
+
+@pytest.mark.parametrize("prompt", ["1984", "None", 'he said "hi"'])
+def test_prompt_is_the_text_as_typed(out_dir, prompt):
+    (s,) = samples(sample(f"--out_dir={out_dir}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=5"))
+    assert s[0].startswith(prompt) and len(s[0]) > len(prompt)
