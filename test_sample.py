@@ -146,7 +146,9 @@ def test_incompatible_checkpoint(tmp_path, kind):
     check_error(sample(f"--out_dir={path}"), "incompatible", "version 2" if kind == "version" else "n_loops")
 
 
-@pytest.mark.parametrize("arg, words", [("--bogus=1", ["unknown", "bogus"]), ("--cache=half", ["cache", "half"])])
+@pytest.mark.parametrize("arg, words", [("--bogus=1", ["unknown", "bogus"]), ("--cache=half", ["cache", "half"]),
+                                        ("--compile=1", ["'compile' must be True or False, got 1"]),
+                                        ("--use_cache=0", ["'use_cache' must be True or False, got 0"])])
 def test_bad_settings(out_dir, arg, words):
     check_error(sample(f"--out_dir={out_dir}", arg), *words)
 

@@ -59,6 +59,20 @@ def test_bad_setting_names_the_key(arg, key):
     assert r.returncode != 0 and key in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("script", ["train.py", "bench.py"])
+@pytest.mark.parametrize("arg,words", [("--compile=1", "'compile' must be True, False or None"),
+                                       ("--compile=0", "'compile' must be True, False or None"),
+                                       ("--compile=1.0", "'compile' must be True, False or None"),
+                                       ("--overwrite=1", "'overwrite' must be True or False, got 1"),
+                                       ("--prelude_norm=0", "'prelude_norm' must be True or False, got 0")])
+def test_a_bool_setting_is_true_or_false(tmp_path, script, arg, words):
+    # 1 == True in Python: without the check --compile=1 was silently True
+    r = subprocess.run([sys.executable, script, arg, "--device=cpu", f"--data_dir={tmp_path}"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert words in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
 @pytest.mark.parametrize("arg,words", [("--device=gpu", ["unknown device 'gpu'", "cuda:N"]),
                                        ("--device=cuda:99", ["cuda:99"]), ("--dtype=half", ["dtype", "half"]),

@@ -107,8 +107,8 @@ except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
-if compile not in (None, True, False):
-    raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
+if compile is not None and type(compile) is not bool:  # not `in (None, True, False)`: 1 == True would pass
+    raise SystemExit(f"error: config key 'compile' must be True, False or None (None: on for CUDA only), got {compile!r}")
 if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
 if not all(type(T) is int and T >= 1 for T in eval_loops):
