@@ -12,6 +12,7 @@ word as a str. An unknown key or a value of the wrong type is an error that name
 load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one.
 """
 import ast
+import difflib
 import io
 import os
 import tokenize
@@ -91,9 +92,16 @@ def _parse(text):
 def configure(settings, argv):
     """Override the keys of settings (a script's globals) from config files and --key=value args.
     Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings)."""
+    # the settings: lower-case literals; not the modules, functions and CONSTANTS among the globals
+    known = [k for k, v in settings.items() if not k.startswith("_") and not k.isupper()
+             and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+    script = os.path.basename(settings.get("__file__") or "the script")
+
     def assign(key, value, where):
-        if key not in settings or key.startswith("_"):
-            raise ValueError(f"unknown config key {key!r} ({where})")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"unknown config key {key!r} ({where}): " +
+                             (f"did you mean {close[0]}?" if close else f"python {script} --help lists every setting"))
         settings[key] = _coerce(key, value, settings[key])
 
     on_command_line = set()

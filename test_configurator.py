@@ -24,3 +24,27 @@ def test_other_types_are_still_parsed():
     assert type(s["muon_lr"]) is float
     with pytest.raises(ValueError, match="'max_iters' expects int"):
         configure(settings(), ["--max_iters=abc"])
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--max_iter=100", "unknown config key 'max_iter' (command line): did you mean max_iters?"),
+    ("--outdir=x", "unknown config key 'outdir' (command line): did you mean out_dir?"),
+    ("--zzz=1", "unknown config key 'zzz' (command line): python sample.py --help lists every setting"),
+    ("--os=1", "unknown config key 'os' (command line)"),  # a module among the globals is no setting
+    ("--LIMIT=1", "unknown config key 'LIMIT' (command line)"),  # nor is a CONSTANT
+])
+def test_unknown_key_suggests_the_closest_setting(arg, message):
+    import os
+    s = settings(os=os, LIMIT=3)
+    with pytest.raises(ValueError) as e:
+        configure(s, [arg])
+    assert str(e.value).startswith(message), str(e.value)
+    assert s["os"] is os and s["LIMIT"] == 3
+
+
+def test_unknown_key_in_a_config_file_suggests_too(tmp_path):
+    path = tmp_path / "run.py"
+    path.write_text("max_iters = 5\nmuon_lrr = 0.01\n")
+    with pytest.raises(ValueError) as e:
+        configure(settings(), [str(path)])
+    assert str(e.value) == f"unknown config key 'muon_lrr' ({path}): did you mean muon_lr?"

@@ -124,6 +124,11 @@ def test_batch_size_error_names_a_value_that_works(tmp_path, args, fix):
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().endswith(fix), r.stderr
 
 
+def test_unknown_key_suggests_the_closest_one():
+    r = train("--max_iter=100", check=False)
+    assert r.returncode != 0 and r.stderr.strip() == "error: unknown config key 'max_iter' (command line): did you mean max_iters?"
+
+
 def test_unknown_key_in_config_file(tmp_path):
     cfg = tmp_path / "bad.py"
     cfg.write_text("n_embd = 64\nlearning_rate = 1e-3\n")
