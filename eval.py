@@ -201,7 +201,7 @@ dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 el
 
 
 def main(argv):
-    configure(globals(), argv)
+    configure(globals(), argv, config_files=False)  # the run's settings are in its checkpoint
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     for ok, why in ((names, "tasks is empty"),
                     (all(t in PARSERS for t in names),

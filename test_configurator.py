@@ -48,3 +48,35 @@ def test_unknown_key_in_a_config_file_suggests_too(tmp_path):
     with pytest.raises(ValueError) as e:
         configure(settings(), [str(path)])
     assert str(e.value) == f"unknown config key 'muon_lrr' ({path}): did you mean muon_lr?"
+
+
+def test_a_folder_is_no_config_file(tmp_path):
+    (tmp_path / "a.py").write_text("max_iters = 5\n")
+    (tmp_path / "tiny.py").write_text("max_iters = 5\n")
+    with pytest.raises(ValueError) as e:
+        configure(settings(), [str(tmp_path)])
+    assert str(e.value) == f"{tmp_path} is a folder, not a config file: name a file in it, e.g. {tmp_path / 'tiny.py'}"
+
+
+@pytest.mark.parametrize("content,words", [(b"\x80\x02binary", "{} is not a config file: not UTF-8 text"),
+                                           (b"PK\x03\x04\x00\x00", "config file {}: SyntaxError"),
+                                           (b"max_iters = 5\nx = 1 / 0\n", "config file {} line 2: ZeroDivisionError")])
+def test_a_config_file_that_fails_is_one_line_naming_it(tmp_path, content, words):
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as e:
+        configure(settings(), [str(path)])
+    assert str(e.value).startswith(words.format(path)), str(e.value)
+
+
+def test_a_script_without_config_files_points_at_out_dir(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    (tmp_path / "run.py").write_text("max_iters = 5\nout_dir = 'out/run'\n")
+    (tmp_path / "other.py").write_text("max_iters = 5\n")
+    want = "sample.py takes no config file: point it at a run with --out_dir="
+    for arg, run in [(tmp_path, tmp_path), (tmp_path / "ckpt.pt", tmp_path), ("out/nope", "out/nope"),
+                     (tmp_path / "run.py", f"out/run (the out_dir {tmp_path / 'run.py'} sets)"),
+                     (tmp_path / "other.py", "DIR")]:
+        with pytest.raises(ValueError) as e:
+            configure(settings(), [str(arg)], config_files=False)
+        assert str(e.value) == f"{want}{run}"

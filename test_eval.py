@@ -261,6 +261,12 @@ def test_bad_input_is_one_line_error(trained, tmp_path, case, want):
     assert r.stderr.startswith("error: ") and want in r.stderr
 
 
+def test_a_positional_argument_points_at_out_dir(trained):
+    _, out, _ = trained
+    r = run_eval(out)
+    assert r.returncode != 0 and r.stderr.strip() == f"error: eval.py takes no config file: point it at a run with --out_dir={out}"
+
+
 # downloads, against a local server ------------------------------------------------------------
 @pytest.fixture
 def server():

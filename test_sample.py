@@ -165,3 +165,8 @@ def test_unreadable_checkpoint(tmp_path, kind, words):
 def test_prompt_is_the_text_as_typed(out_dir, prompt):
     (s,) = samples(sample(f"--out_dir={out_dir}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=5"))
     assert s[0].startswith(prompt) and len(s[0]) > len(prompt)
+
+
+def test_a_positional_argument_points_at_out_dir(out_dir):
+    check_error(sample(out_dir), f"error: sample.py takes no config file: point it at a run with --out_dir={out_dir}")
+    check_error(sample("config/tiny.py"), "--out_dir=out/tiny (the out_dir config/tiny.py sets)")

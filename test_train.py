@@ -129,6 +129,12 @@ def test_unknown_key_suggests_the_closest_one():
     assert r.returncode != 0 and r.stderr.strip() == "error: unknown config key 'max_iter' (command line): did you mean max_iters?"
 
 
+def test_a_config_folder_is_one_line_error():
+    r = train("config", check=False)
+    assert r.returncode != 0 and r.stderr.strip() == ("error: config is a folder, not a config file: name a file in it, "
+                                                      "e.g. config/tiny.py")
+
+
 def test_unknown_key_in_config_file(tmp_path):
     cfg = tmp_path / "bad.py"
     cfg.write_text("n_embd = 64\nlearning_rate = 1e-3\n")
