@@ -15,6 +15,8 @@ Offline sample built from the Python docs that ship with Python (seconds; the on
 it may fetch is tiktoken's GPT-2 BPE file, once, unless TIKTOKEN_CACHE_DIR has it):
     python prepare_fineweb.py --sample           # -> data/sample/
 
+Options take --key value or, as in the other scripts, --key=value (--num_chunks=103, --sample=True).
+
 Shard format: 1024-byte header of 256 little-endian int32 (magic 20240520, version 1,
 token count), then the uint16 tokens. Every document starts with <|endoftext|> (50256).
 """
@@ -325,11 +327,25 @@ def build_sample(out_dir="data/sample"):
 
 # -----------------------------------------------------------------------------
 
+def flag(text):
+    """--sample alone, or --sample=True / --sample=False as the other scripts take a bool."""
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text == "True"
+
+def count_or_none(text):
+    return None if text == "None" else int(text)
+
 def main(argv=None):
+    # argparse takes --key value and --key=value alike; flag and count_or_none add the values the other
+    # scripts' --key=value allows (--sample=True, --val_docs=None)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (python prepare_fineweb.py --help)")  # one line, no usage
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--text", nargs="+", metavar="FILE", help="tokenize these local text/.jsonl files")
-    mode.add_argument("--sample", action="store_true", help="build the offline sample in data/sample")
+    mode.add_argument("--text", nargs="+", action="extend", metavar="FILE",
+                      help="tokenize these local text/.jsonl files (--text a.txt b.txt, or --text=a.txt --text=b.txt)")
+    mode.add_argument("--sample", nargs="?", const=True, default=False, type=flag, metavar="True|False",
+                      help="build the offline sample in data/sample")
     p.add_argument("--data_dir", "--out_dir", dest="data_dir", default=None,
                    help="output dir (default data/fineweb10B, data/NAME or data/sample)")
     p.add_argument("--num_chunks", type=int, default=9, help="FineWeb train shards to get, 100M tokens each")
@@ -337,7 +353,7 @@ def main(argv=None):
     p.add_argument("--retries", type=int, default=5, help="tries per file on network errors")
     p.add_argument("--name", default="text", help="file prefix for --text shards")
     p.add_argument("--val_fraction", type=float, default=0.1, help="--text: fraction of documents for val")
-    p.add_argument("--val_docs", type=int, default=None, help="--text: number of val documents (overrides)")
+    p.add_argument("--val_docs", type=count_or_none, default=None, help="--text: number of val documents (overrides)")
     p.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="--text: max tokens per shard")
     args = p.parse_args(argv)
     try:

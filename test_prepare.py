@@ -254,10 +254,12 @@ def test_404_names_the_file(server):
     assert len(Handler.log) == 2  # a 404 is not retried
     assert not os.path.exists(os.path.join(data_dir, "missing_000000.bin"))
 
-def test_download_cli_404_is_one_line_error(server, tmp_path):
+@pytest.mark.parametrize("equals", [False, True])  # argparse's --key value, or --key=value as in every other script
+def test_download_cli_404_is_one_line_error(server, tmp_path, equals):
     url, data_dir = server
-    cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--num_chunks", "1",
-           "--base_url", url, "--data_dir", data_dir]
+    args = [("--num_chunks", "1"), ("--base_url", url), ("--data_dir", data_dir), ("--retries", "2")]
+    cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"),
+           *(a for k, v in args for a in ([f"{k}={v}"] if equals else [k, v]))]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: fineweb_val_000000.bin: not found (HTTP 404)")
@@ -271,8 +273,9 @@ def test_fineweb_names():
 # -----------------------------------------------------------------------------
 # --sample
 
-def test_sample(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--sample"],
+@pytest.mark.parametrize("args", [["--sample"], ["--sample=True"], ["--sample", "True"]])
+def test_sample(tmp_path, args):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), *args],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     train = pf.open_shard(str(tmp_path / "data/sample/sample_train_000001.bin"))
@@ -331,3 +334,25 @@ def test_tokenizer_missing_or_wrong_file_is_one_line_error(tmp_path):
     (tmp_path / "r50k_base.tiktoken").write_text("not a BPE file\n")
     r = encode_offline(tmp_path, tmp_path)
     assert r.returncode != 0 and "sha256 differs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+def test_text_cli_takes_key_equals_value_too(tmp_path):
+    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(200))
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(text.upper())
+    spaced = run_prepare(tmp_path, "--text", "a.txt", "b.txt", "--out_dir", "spaced", "--name", "x",
+                         "--val_fraction", "0.5", "--shard_size", "100000")
+    equals = run_prepare(tmp_path, "--text=a.txt", "--text=b.txt", "--out_dir=equals", "--name=x",
+                         "--val_fraction=0.5", "--val_docs=None", "--shard_size=100000")
+    assert spaced.returncode == equals.returncode == 0, spaced.stderr + equals.stderr
+    for f in ("x_train_000001.bin", "x_val_000000.bin"):
+        assert (tmp_path / "spaced" / f).read_bytes() == (tmp_path / "equals" / f).read_bytes()
+
+@pytest.mark.parametrize("args,message", [
+    (["--sample=maybe"], "error: argument --sample: expected True or False, got 'maybe'"),
+    (["--num_chunks=abc"], "error: argument --num_chunks: invalid int value: 'abc'"),
+    (["--sample=True", "--text=a.txt"], "error: argument --text: not allowed with argument --sample"),
+])
+def test_cli_misuse_is_one_line_error(tmp_path, args, message):
+    r = run_prepare(tmp_path, *args)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+    assert os.listdir(tmp_path) == []
