@@ -9,7 +9,8 @@ Interrupted downloads resume where they stopped; finished files are skipped.
 Tokenize your own UTF-8 text (one document per file, .jsonl: one {"text": ...} per line):
     python prepare_fineweb.py --text a.txt b.jsonl --name mydata   # -> data/mydata/
 A single document (one long .txt, like nanoGPT's Shakespeare) is split by tokens: the last
---val_fraction of them become val.
+--val_fraction of them become val. Val, and every train shard, must hold one micro-batch of train.py:
+--min_tokens (default 513, config/tiny.py's 4 x 128 tokens plus one).
 
 Offline sample built from the Python docs that ship with Python (seconds; the only thing
 it may fetch is tiktoken's GPT-2 BPE file, once, unless TIKTOKEN_CACHE_DIR has it):
@@ -40,6 +41,7 @@ VERSION = 1
 HEADER_BYTES = 256 * 4
 EOT = 50256  # <|endoftext|> in the GPT-2 vocabulary
 SHARD_SIZE = 10**8  # tokens per shard, same as the FineWeb shards
+MIN_TOKENS = 4 * 128 + 1  # --text: fewest tokens in val or a train shard; one micro-batch of config/tiny.py + 1
 BASE_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main"
 
 # -----------------------------------------------------------------------------
@@ -278,9 +280,11 @@ def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
             os.remove(old)
     return written
 
-def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=None, shard_size=SHARD_SIZE):
+def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=None, shard_size=SHARD_SIZE,
+                       min_tokens=0):
     """GPT-2 tokenize docs into NAME_val_000000.bin (first docs) and NAME_train_000001.bin ...
-    One document alone is split by tokens instead: its last val_fraction goes to val."""
+    One document alone is split by tokens instead: its last val_fraction goes to val.
+    min_tokens: fewer tokens in val (all its shards) or in a train shard is a ValueError, and no shards are left."""
     if not docs:
         raise ValueError("no documents to tokenize")
     if shard_size < 1:
@@ -308,6 +312,19 @@ def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=No
     splits = {"val": write_shards(val, out_dir, f"{name}_val", 0, shard_size),
               "train": write_shards(train, out_dir, f"{name}_train", 1, shard_size)}
     bar.close()
+    # train.py reads the val shards as one, and a micro-batch from one train shard: it would refuse these, so say so now
+    got = {"val": sum(c for _, c in splits["val"]), "train": min(c for _, c in splits["train"])}
+    if min(got.values()) < min_tokens:
+        for path, _ in splits["val"] + splits["train"]:
+            os.remove(path)
+        if not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        smallest = " in its smallest shard" if len(splits["train"]) > 1 else ""
+        need = (f"{MIN_TOKENS}, one micro-batch of config/tiny.py plus one (batch_size * block_size + 1 = 4 * 128 + 1)"
+                if min_tokens == MIN_TOKENS else f"{min_tokens:,} (--min_tokens)")
+        raise ValueError(f"too little text: the val split got {got['val']:,} tokens, the train split {got['train']:,}"
+                         f"{smallest}; each needs {need} for train.py: give more text, "
+                         f"or set --min_tokens to your batch_size * block_size + 1")
     for split, shards in splits.items():
         for path, count in shards:
             print(f"{path}: {count:,} tokens")
@@ -355,13 +372,16 @@ def main(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.1, help="--text: fraction of documents for val")
     p.add_argument("--val_docs", type=count_or_none, default=None, help="--text: number of val documents (overrides)")
     p.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="--text: max tokens per shard")
+    p.add_argument("--min_tokens", type=int, default=MIN_TOKENS,
+                   help="--text: refuse val, or a train shard, with fewer tokens (default: a micro-batch of tiny.py + 1)")
     args = p.parse_args(argv)
     try:
         if args.sample:
             build_sample(args.data_dir or "data/sample")
         elif args.text:
             tokenize_files(args.text, args.data_dir or os.path.join("data", args.name), args.name,
-                           val_fraction=args.val_fraction, val_docs=args.val_docs, shard_size=args.shard_size)
+                           val_fraction=args.val_fraction, val_docs=args.val_docs, shard_size=args.shard_size,
+                           min_tokens=args.min_tokens)
         else:
             download(fineweb_names(args.num_chunks), args.data_dir or "data/fineweb10B",
                      args.base_url, retries=args.retries)

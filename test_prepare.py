@@ -117,7 +117,8 @@ def test_text_round_trip(tmp_path):
 def test_text_cli_round_trip(tmp_path):
     out = str(tmp_path / "out")
     cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"),
-           "--text", *write_text_files(tmp_path), "--out_dir", out, "--name", "cli", "--val_fraction", "0.4"]
+           "--text", *write_text_files(tmp_path), "--out_dir", out, "--name", "cli", "--val_fraction", "0.4",
+           "--min_tokens", "0"]  # a few tokens a split: too few to train on, enough to check
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     val, train, files = decode_docs(out, "cli")
@@ -289,7 +290,7 @@ def run_prepare(tmp_path, *args):
                           text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
 
 def test_text_cli_one_long_file_is_split_by_tokens(tmp_path):
-    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(200))
+    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(1000))
     (tmp_path / "book.txt").write_text(text)
     r = run_prepare(tmp_path, "--text", "book.txt", "--out_dir", "out", "--name", "book")
     assert r.returncode == 0, r.stderr
@@ -356,3 +357,18 @@ def test_cli_misuse_is_one_line_error(tmp_path, args, message):
     r = run_prepare(tmp_path, *args)
     assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
     assert os.listdir(tmp_path) == []
+
+def test_text_too_short_to_train_on_is_refused_with_the_numbers(tmp_path):
+    (tmp_path / "short.txt").write_text("A few words. " * 60)  # 241 tokens: 24 (and <|endoftext|>) for val, 217 for train
+    r = run_prepare(tmp_path, "--text", "short.txt", "--out_dir", "out")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr  # the lines before: the tokenizing bar
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: too little text: the val split got 25 tokens, the train split 218; each needs 513, one micro-batch of "
+        "config/tiny.py plus one (batch_size * block_size + 1 = 4 * 128 + 1) for train.py: give more text, or set "
+        "--min_tokens to your batch_size * block_size + 1")
+    assert not (tmp_path / "out").exists()  # no shards that train.py would refuse
+    # small train shards: the smallest is named
+    r = run_prepare(tmp_path, "--text=short.txt", "--out_dir=out", "--shard_size=100", "--min_tokens=20")
+    assert "the val split got 25 tokens, the train split 18 in its smallest shard; each needs 20 (--min_tokens)" in r.stderr
+    r = run_prepare(tmp_path, "--text=short.txt", "--out_dir=out", "--min_tokens=25")
+    assert r.returncode == 0 and sorted(os.listdir(tmp_path / "out")) == ["text_train_000001.bin", "text_val_000000.bin"]

@@ -142,6 +142,30 @@ def test_unknown_key_in_config_file(tmp_path):
     assert r.returncode != 0 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_missing_data_folder_says_so(tmp_path):
+    r = train(*TINY, f"--data_dir={tmp_path / 'nope'}", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: data_dir {tmp_path / 'nope'} does not exist: make it with python "
+                               f"prepare_fineweb.py (--sample writes data/sample)"), r.stderr
+    r = train(*TINY, f"--data_dir={tmp_path}", check=False)  # a folder without shards: the prepare hint
+    assert r.stderr.strip() == f"error: no train shards (*_train_*.bin) in {tmp_path}: run prepare_fineweb.py first"
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_data_under_one_batch_says_what_to_lower(tmp_path, split):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(str(d / "x_val_000000.bin"), np.arange(100 if split == "val" else 5000) % 50000)
+    write_shard(str(d / "x_train_000001.bin"), np.arange(100 if split == "train" else 5000) % 50000)
+    r = train(*TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'out'}", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    start = (f"error: a train shard {d / 'x_train_000001.bin'} holds 100 tokens" if split == "train" else
+             f"error: the val shards in {d} hold 100 tokens")
+    assert r.stderr.startswith(start), r.stderr
+    assert r.stderr.strip().endswith("batch_size * block_size * processes + 1 = 4 * 32 * 1 + 1 = 129: lower batch_size "
+                                     "or block_size (total_batch_size with them), run fewer processes, or prepare more text")
+
+
 def test_bad_shard_is_named(tmp_path, data):
     bad = tmp_path / "data"
     bad.mkdir()
@@ -151,6 +175,7 @@ def test_bad_shard_is_named(tmp_path, data):
         f.truncate(1024 + 2 * 4000)  # fewer tokens than the header claims
     r = train(*TINY, f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}", check=False)
     assert r.returncode != 0 and "x_train_000001.bin" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: bad shard: ")
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data):

@@ -187,13 +187,25 @@ def log(*args):
 
 
 def shards(split):
+    if not os.path.isdir(data_dir):
+        if os.path.exists(data_dir):
+            raise SystemExit(f"error: data_dir {data_dir} is a file, not a folder of token shards: point --data_dir "
+                             f"at the folder that holds it")
+        raise SystemExit(f"error: data_dir {data_dir} does not exist: make it with python prepare_fineweb.py (--sample "
+                         f"writes data/sample), or point --data_dir at a folder of *_train_*.bin and *_val_*.bin shards")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
     if not paths:
-        raise SystemExit(f"no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
+        raise SystemExit(f"error: no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
     try:
         return [open_shard(p) for p in paths]  # checks every header and size up front
     except ValueError as e:
-        raise SystemExit(f"bad shard: {e}") from None
+        raise SystemExit(f"error: bad shard: {e}") from None
+
+
+# what to lower when the data is shorter than one micro-batch of every rank (+1: the last target)
+smaller = (f"batch_size * block_size * processes + 1 = {batch_size} * {block_size} * {world} + 1 = "
+           f"{tokens_per_micro + 1}: lower batch_size or block_size (total_batch_size with them), run fewer processes, "
+           f"or prepare more text")
 
 
 # data: train shards read sequentially, the val prefix read once; or a task's batches made on the fly
@@ -203,12 +215,19 @@ if task:
     task_buckets = tasks.buckets(task_train_len, task_long_len)
 else:
     train_shards = [] if eval_only else shards("train")
-    if any(len(s) < tokens_per_micro + 1 for s in train_shards):
-        raise SystemExit(f"a train shard in {data_dir} has fewer than {tokens_per_micro + 1} tokens")
+    short = min(train_shards, key=len, default=None)
+    if short is not None and len(short) < tokens_per_micro + 1:
+        where = getattr(short, "filename", None) or f"in {data_dir}"  # an empty shard is no memmap: no name
+        raise SystemExit(f"error: a train shard {where} holds {len(short)} tokens, fewer than one micro-batch "
+                         f"needs, {smaller}")
     val = np.concatenate(shards("val"))
     val_seqs = min(val_tokens, len(val) - 1) // (block_size * batch_size * world) * batch_size * world
+    if val_seqs == 0 and val_tokens < tokens_per_micro:
+        raise SystemExit(f"error: val_tokens={val_tokens} is less than one batch of every rank, "
+                         f"batch_size * block_size * processes = {tokens_per_micro}: raise val_tokens")
     if val_seqs == 0:
-        raise SystemExit(f"the val shards hold {len(val)} tokens, fewer than one batch of every rank")
+        raise SystemExit(f"error: the val shards in {data_dir} hold {len(val)} tokens, fewer than one batch of every "
+                         f"rank needs, {smaller}")
 data_pos = [0, 0]  # (shard, offset) of the next global micro-batch; a task's: (micro-batch counter, 0)
 
 
