@@ -385,6 +385,33 @@ def test_eval_only_prints_depth_table_and_fit(tmp_path, data):
     assert "fit L(T)" in r.stdout and "rms residual" in r.stdout
 
 
+TASK = ["--task=parity", "--block_size=24", "--task_train_len=1,4", "--task_long_len=9,12", "--task_eval_rows=32",
+        "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1", "--mean_recurrence=3",
+        "--backprop_depth=2", "--batch_size=8", "--total_batch_size=192", "--device=cpu", "--compile=False"]
+
+
+@pytest.mark.parametrize("kind", ["text", "task"])
+def test_eval_only_records_go_to_their_own_file(tmp_path, data, kind):
+    # log.jsonl is the training run: a plot of it must not take a later evaluation of the final weights for its own
+    out = tmp_path / "run"
+    common = [*TINY, f"--data_dir={data}"] if kind == "text" else TASK
+    train(*common, f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--eval_loops=1")
+    log = (out / "log.jsonl").read_text()
+    for loops in ("1,2", "4"):
+        r = train(f"--out_dir={out}", "--eval_only=True", f"--eval_loops={loops}", "--device=cpu")
+        assert (out / "log.jsonl").read_text() == log
+        first = r.stdout.splitlines()[0]
+        assert first.startswith(f"evaluating {out / 'ckpt.pt'} at iter 2: ") and "grad_accum" not in r.stdout, first
+        assert f"loop depths {loops.replace(',', ', ')};" in first
+        assert (f"the first 1,024 val tokens in {data}" if kind == "text" else "32 rows in each of the id and long sets") in first
+        assert f"(eval_only: appended to {out / 'eval_only.jsonl'})" in r.stdout
+    recs = [json.loads(line) for line in (out / "eval_only.jsonl").read_text().splitlines()]
+    assert [(rec["iter"], sorted(rec["val"])) for rec in recs] == [(2, ["1", "2"]), (2, ["4"])]
+    assert ("task" in recs[0]) == (kind == "task")
+    train(*common, f"--out_dir={out}", "--max_iters=1", "--overwrite=True")  # a new run: the old model's records go
+    assert not (out / "eval_only.jsonl").exists()
+
+
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, data):
     r = train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--adam_lr=1e30", "--max_bad_steps=3",
               "--max_iters=20", "--eval_interval=100", check=False)
