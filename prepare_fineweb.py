@@ -295,8 +295,9 @@ def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=No
     def tokens(ds):
         for d in ds:
             # encode_ordinary: a literal "<|endoftext|>" in the text stays plain text
-            yield np.array([EOT] + enc.encode_ordinary(d), dtype=np.uint16)
-            bar.update(1)
+            toks = np.array([EOT] + enc.encode_ordinary(d), dtype=np.uint16)
+            bar.update(1)  # before the yield: one document alone is taken with next(), which never comes back here
+            yield toks
     if len(docs) == 1:  # one long text: val is its tail, which starts with <|endoftext|> like every document
         whole = next(tokens(docs))
         if len(whole) < 3:

@@ -202,6 +202,17 @@ def test_train_logs_bits_per_byte(trained):
         assert f"bpb {rec['val_bpb'][str(T)]:.4f}" in stdout  # the depth table shows it too
 
 
+def test_table_columns_keep_their_width():
+    loops = (1, 4, 16, 64, 256)
+    ppl = dict(zip(loops, [1.5, 1e6, 12345678.9, 3.2e120, float("inf")]))
+    results = {"hellaswag": {"items": 10042, "metrics": {"acc": dict.fromkeys(loops, 0.25)}},
+               "lambada": {"items": 5153, "metrics": {"acc": dict.fromkeys(loops, 0.0), "ppl": ppl}}}
+    lines = ev.table(results, loops)
+    assert len({len(line) for line in lines}) == 1, lines  # every column ends where the header's does
+    cells = lines[-1].split()[3:]
+    assert cells == ["1.50", "1000000.00", "1.235e+07", "3.200e+120", "inf"], cells
+
+
 # eval.py end to end ---------------------------------------------------------------------------
 def run_eval(*args):
     return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)

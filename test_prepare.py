@@ -300,6 +300,8 @@ def test_text_cli_one_long_file_is_split_by_tokens(tmp_path):
     whole = [pf.EOT] + pf.gpt2_encoding().encode_ordinary(text)
     assert train.tolist() + val.tolist()[1:] == whole and val[0] == pf.EOT  # nothing lost, nothing repeated
     assert abs(len(val) - 1 - 0.1 * (len(whole) - 1)) <= 1  # the default val_fraction of the tokens
+    last_bar = [b for b in r.stderr.replace("\n", "\r").split("\r") if b.startswith("tokenizing book")][-1]
+    assert "| 1/1 [" in last_bar, r.stderr  # the progress bar reaches its one document
 
 @pytest.mark.parametrize("content", ["", "  \n\n", "\n\n"])
 def test_text_cli_empty_file_is_refused_by_name(tmp_path, content):
