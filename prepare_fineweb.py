@@ -28,8 +28,10 @@ import glob
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 import requests
@@ -116,6 +118,20 @@ class RetryableError(Exception):
 TRANSIENT = (RetryableError, requests.ConnectionError, requests.Timeout,
              requests.exceptions.ChunkedEncodingError)
 
+def cannot_resolve(e):
+    """Whether a network error is a host name that does not resolve (offline, no DNS, a mistyped host): unlike
+    a dropped connection or a busy server, trying again in a few seconds does not help."""
+    seen = []
+    while e is not None and not any(e is s for s in seen):  # requests wraps urllib3's error, which wraps socket's
+        seen.append(e)
+        if isinstance(e, socket.gaierror):
+            return True
+        e = getattr(e, "reason", None) or e.__cause__ or e.__context__ or \
+            next((a for a in getattr(e, "args", ()) if isinstance(a, BaseException)), None)
+    text = " ".join(str(s) for s in seen)  # and by its message, where some layer kept only that
+    return any(m in text for m in ("Name or service not known", "Temporary failure in name resolution",
+                                   "nodename nor servname", "getaddrinfo failed", "Failed to resolve"))
+
 def fineweb_names(num_chunks):
     if not 0 <= num_chunks <= 103:
         raise ValueError(f"--num_chunks must be between 0 and 103, got {num_chunks}")
@@ -162,6 +178,10 @@ def fetch(url, path, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20, che
             fetch_once(url, part, timeout, chunk_size)
             break
         except TRANSIENT as e:
+            if isinstance(e, requests.ConnectionError) and cannot_resolve(e):
+                host = urllib.parse.urlsplit(url).hostname
+                raise RuntimeError(f"{name}: this machine cannot reach {host}: its name does not resolve, "
+                                   f"no network or no DNS here") from None
             if attempt == retries - 1:
                 raise RuntimeError(f"{name}: download failed after {retries} tries: {e}") from None
             delay = backoff * 2**attempt

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import ThreadingHTTPServer
 
 import numpy as np
@@ -322,3 +323,16 @@ def test_failed_download_says_where_to_put_a_copy(server, tmp_path):
     assert "not found (HTTP 404)" in str(e.value)
     assert f"put a copy of {server}/missing/lambada_test.jsonl at {os.path.join(folder, 'lambada_test.jsonl')}" \
         in str(e.value)
+
+
+def test_a_host_that_does_not_resolve_fails_at_once(tmp_path, monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)  # a proxy would resolve the name, not this machine
+    url = "http://nonexistent.invalid/x/lambada_test.jsonl"  # .invalid never resolves
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        ev.task_file("lambada", str(tmp_path / "eval"), url)  # the default 5 tries would wait 1 + 2 + 4 + 8 s
+    assert time.monotonic() - t0 < 5
+    assert str(e.value) == (f"cannot download lambada data (lambada_test.jsonl: this machine cannot reach nonexistent.invalid: "
+                            f"its name does not resolve, no network or no DNS here): put a copy of {url} at "
+                            f"{tmp_path / 'eval' / 'lambada_test.jsonl'}, or point --eval_data_dir at a folder holding one")

@@ -5,9 +5,11 @@ Tests for prepare_fineweb.py. CPU only, no internet (downloads hit a local http.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -374,3 +376,21 @@ def test_text_too_short_to_train_on_is_refused_with_the_numbers(tmp_path):
     assert "the val split got 25 tokens, the train split 18 in its smallest shard; each needs 20 (--min_tokens)" in r.stderr
     r = run_prepare(tmp_path, "--text=short.txt", "--out_dir=out", "--min_tokens=25")
     assert r.returncode == 0 and sorted(os.listdir(tmp_path / "out")) == ["text_train_000001.bin", "text_val_000000.bin"]
+
+def test_a_host_that_does_not_resolve_is_one_line_at_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # a proxy would resolve the name
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--num_chunks=0",
+                        "--base_url=http://nonexistent.invalid/data", "--data_dir=d"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert time.monotonic() - t0 < 5 and r.returncode != 0, r.stderr  # no retries: 1 + 2 + 4 + 8 s of them
+    assert r.stderr.strip() == ("error: fineweb_val_000000.bin: this machine cannot reach nonexistent.invalid: its name "
+                                "does not resolve, no network or no DNS here")
+
+def test_a_refused_connection_is_still_retried(tmp_path, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match="download failed after 2 tries"):
+        pf.fetch(f"http://127.0.0.1:{port}/x.bin", str(tmp_path / "x.bin"), retries=2, backoff=0.001, timeout=5)
+    assert "retrying in" in capsys.readouterr().err
