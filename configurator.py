@@ -1,18 +1,22 @@
 """
-Settings for train.py, sample.py and bench.py, nanoGPT style: each script keeps its settings as
-module-level globals and calls
+Settings for train.py, sample.py, eval.py, bench.py and sweep.py, nanoGPT style: each script keeps its
+settings as module-level globals and calls
 
     configure(globals(), sys.argv[1:])
 
 Every argument is either a Python config file (its assignments override the globals) or
---key=value. An unknown key or a value of the wrong type is an error that names the key.
+--key=value; sample.py and eval.py, which read a run's checkpoint, take --key=value only. A setting whose default is a str takes the text after = as it is (--start=1984 is the
+prompt "1984"); any other value is a Python literal (--max_iters=100, --eval_loops=1,2,4), or a bare
+word as a str. An unknown key or a value of the wrong type is an error that names the key.
 
 load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one.
 """
 import ast
+import difflib
 import io
 import os
 import tokenize
+import traceback
 
 
 def script_settings(path):
@@ -67,6 +71,8 @@ def exit_on_help(path, argv, also=()):
 
 
 def _coerce(key, value, default):
+    if type(default) is bool and type(value) is not bool:  # 1 == True, but --compile=1 is a guess, not a bool
+        raise ValueError(f"config key {key!r} must be True or False, got {value!r}")
     if default is None or type(value) is type(default):
         return value
     if type(default) is float and type(value) is int:
@@ -84,12 +90,39 @@ def _parse(text):
         return text  # a bare word is a string: --device=cuda
 
 
-def configure(settings, argv):
+def _run_dir(arg):
+    """The run a stray argument of sample.py or eval.py most likely names: the folder itself, a checkpoint's
+    folder, or the out_dir a config file sets (read from its source, not run)."""
+    if os.path.basename(arg) == "ckpt.pt":
+        return os.path.dirname(arg) or "."
+    if os.path.isdir(arg) or not (os.path.exists(arg) or arg.endswith(".py")):
+        return arg
+    try:
+        with open(arg) as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return "DIR"
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["out_dir"] \
+                and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            return f"{node.value.value} (the out_dir {arg} sets)"
+    return "DIR"
+
+
+def configure(settings, argv, config_files=True):
     """Override the keys of settings (a script's globals) from config files and --key=value args.
-    Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings)."""
+    Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings).
+    config_files=False: a script that reads a run's checkpoint (its settings are in it) takes --key=value only."""
+    # the settings: lower-case literals; not the modules, functions and CONSTANTS among the globals
+    known = [k for k, v in settings.items() if not k.startswith("_") and not k.isupper()
+             and isinstance(v, (int, float, bool, str, tuple, type(None)))]
+    script = os.path.basename(settings.get("__file__") or "the script")
+
     def assign(key, value, where):
-        if key not in settings or key.startswith("_"):
-            raise ValueError(f"unknown config key {key!r} ({where})")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"unknown config key {key!r} ({where}): " +
+                             (f"did you mean {close[0]}?" if close else f"python {script} --help lists every setting"))
         settings[key] = _coerce(key, value, settings[key])
 
     on_command_line = set()
@@ -98,15 +131,34 @@ def configure(settings, argv):
             if "=" not in arg:
                 raise ValueError(f"expected --key=value, got {arg!r}")
             key, text = arg[2:].split("=", 1)
-            assign(key, _parse(text), "command line")
+            # a str setting keeps the text as typed: a prompt of 1984 or None, quotes and all
+            assign(key, text if isinstance(settings.get(key), str) else _parse(text), "command line")
             on_command_line.add(key)
+        elif not config_files:
+            raise ValueError(f"{script} takes no config file: point it at a run with --out_dir={_run_dir(arg)}")
+        elif os.path.isdir(arg):
+            found = sorted(f for f in os.listdir(arg) if f.endswith(".py"))
+            example = "tiny.py" if "tiny.py" in found else found[0] if found else None
+            raise ValueError(f"{arg} is a folder, not a config file: " + (f"name a file in it, e.g. "
+                             f"{os.path.join(arg, example)}" if example else "name a .py file of key = value lines"))
         else:
             scope = {}
             try:
                 with open(arg) as f:
-                    exec(compile(f.read(), arg, "exec"), scope)
+                    source = f.read()
             except FileNotFoundError:
                 raise ValueError(f"config file {arg!r} not found") from None
+            except UnicodeDecodeError:  # a checkpoint, a shard ...
+                raise ValueError(f"{arg} is not a config file: not UTF-8 text") from None
+            except OSError as e:
+                raise ValueError(f"cannot read config file {arg!r}: {e.strerror}") from None
+            try:  # a checkpoint or some other file given by mistake, or a config with a bug: its line, no traceback
+                exec(compile(source, arg, "exec"), scope)
+            except Exception as e:
+                tb = [fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == arg]
+                line = e.lineno if isinstance(e, SyntaxError) else tb[-1] if tb else None
+                raise ValueError(f"config file {arg}{f' line {line}' if line else ''}: {type(e).__name__}: "
+                                 f"{getattr(e, 'msg', None) or e}") from None
             for key, value in scope.items():
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__spec__"):
                     assign(key, value, arg)

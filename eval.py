@@ -187,6 +187,19 @@ def lambada_metrics(items, scores):
 
 METRICS = {"hellaswag": hellaswag_metrics, "lambada": lambada_metrics}
 
+
+def table(results, loops):
+    """The score table's lines: one row per task and metric, one 10-wide column per depth."""
+    def cell(value, digits):
+        text = f"{value:.{digits}f}"
+        return f" {text if len(text) <= 10 else f'{value:.3e}':>10}"  # a huge ppl (an untrained model) keeps the width
+    lines = [f"{'task':<10} {'metric':<9} {'items':>6}" + "".join(f" {f'T={T}':>10}" for T in loops)]
+    for task, r in results.items():
+        for metric, by_depth in r["metrics"].items():
+            digits = 2 if metric == "ppl" else 4
+            lines.append(f"{task:<10} {metric:<9} {r['items']:>6}" + "".join(cell(by_depth[T], digits) for T in loops))
+    return lines
+
 # -----------------------------------------------------------------------------
 # settings
 out_dir = "out"                  # the checkpoint is out_dir/ckpt.pt; eval.json goes there too
@@ -201,7 +214,7 @@ dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 el
 
 
 def main(argv):
-    configure(globals(), argv)
+    configure(globals(), argv, config_files=False)  # the run's settings are in its checkpoint
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     for ok, why in ((names, "tasks is empty"),
                     (all(t in PARSERS for t in names),
@@ -243,11 +256,7 @@ def main(argv):
                 results[task]["metrics"].setdefault(metric, {})[T] = value
 
     print(f"{ckpt_path} (iter {ckpt.get('iter_num')}), score by loop depth T:")
-    print(f"{'task':<10} {'metric':<9} {'items':>6}" + "".join(f" {f'T={T}':>10}" for T in loops))
-    for task, r in results.items():
-        for metric, by_depth in r["metrics"].items():
-            digits = 2 if metric == "ppl" else 4
-            print(f"{task:<10} {metric:<9} {r['items']:>6}" + "".join(f" {by_depth[T]:>10.{digits}f}" for T in loops))
+    print("\n".join(table(results, loops)))
     out = {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "eval_loops": list(loops), "tasks": results}
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(out, f, indent=2)

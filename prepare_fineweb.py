@@ -9,11 +9,14 @@ Interrupted downloads resume where they stopped; finished files are skipped.
 Tokenize your own UTF-8 text (one document per file, .jsonl: one {"text": ...} per line):
     python prepare_fineweb.py --text a.txt b.jsonl --name mydata   # -> data/mydata/
 A single document (one long .txt, like nanoGPT's Shakespeare) is split by tokens: the last
---val_fraction of them become val.
+--val_fraction of them become val. Val, and every train shard, must hold one micro-batch of train.py:
+--min_tokens (default 513, config/tiny.py's 4 x 128 tokens plus one).
 
 Offline sample built from the Python docs that ship with Python (seconds; the only thing
 it may fetch is tiktoken's GPT-2 BPE file, once, unless TIKTOKEN_CACHE_DIR has it):
     python prepare_fineweb.py --sample           # -> data/sample/
+
+Options take --key value or, as in the other scripts, --key=value (--num_chunks=103, --sample=True).
 
 Shard format: 1024-byte header of 256 little-endian int32 (magic 20240520, version 1,
 token count), then the uint16 tokens. Every document starts with <|endoftext|> (50256).
@@ -25,8 +28,10 @@ import glob
 import hashlib
 import json
 import os
+import socket
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 import requests
@@ -38,6 +43,7 @@ VERSION = 1
 HEADER_BYTES = 256 * 4
 EOT = 50256  # <|endoftext|> in the GPT-2 vocabulary
 SHARD_SIZE = 10**8  # tokens per shard, same as the FineWeb shards
+MIN_TOKENS = 4 * 128 + 1  # --text: fewest tokens in val or a train shard; one micro-batch of config/tiny.py + 1
 BASE_URL = "https://huggingface.co/datasets/kjj0/fineweb10B-gpt2/resolve/main"
 
 # -----------------------------------------------------------------------------
@@ -112,6 +118,20 @@ class RetryableError(Exception):
 TRANSIENT = (RetryableError, requests.ConnectionError, requests.Timeout,
              requests.exceptions.ChunkedEncodingError)
 
+def cannot_resolve(e):
+    """Whether a network error is a host name that does not resolve (offline, no DNS, a mistyped host): unlike
+    a dropped connection or a busy server, trying again in a few seconds does not help."""
+    seen = []
+    while e is not None and not any(e is s for s in seen):  # requests wraps urllib3's error, which wraps socket's
+        seen.append(e)
+        if isinstance(e, socket.gaierror):
+            return True
+        e = getattr(e, "reason", None) or e.__cause__ or e.__context__ or \
+            next((a for a in getattr(e, "args", ()) if isinstance(a, BaseException)), None)
+    text = " ".join(str(s) for s in seen)  # and by its message, where some layer kept only that
+    return any(m in text for m in ("Name or service not known", "Temporary failure in name resolution",
+                                   "nodename nor servname", "getaddrinfo failed", "Failed to resolve"))
+
 def fineweb_names(num_chunks):
     if not 0 <= num_chunks <= 103:
         raise ValueError(f"--num_chunks must be between 0 and 103, got {num_chunks}")
@@ -158,6 +178,10 @@ def fetch(url, path, retries=5, backoff=1.0, timeout=60, chunk_size=1 << 20, che
             fetch_once(url, part, timeout, chunk_size)
             break
         except TRANSIENT as e:
+            if isinstance(e, requests.ConnectionError) and cannot_resolve(e):
+                host = urllib.parse.urlsplit(url).hostname
+                raise RuntimeError(f"{name}: this machine cannot reach {host}: its name does not resolve, "
+                                   f"no network or no DNS here") from None
             if attempt == retries - 1:
                 raise RuntimeError(f"{name}: download failed after {retries} tries: {e}") from None
             delay = backoff * 2**attempt
@@ -276,9 +300,11 @@ def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
             os.remove(old)
     return written
 
-def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=None, shard_size=SHARD_SIZE):
+def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=None, shard_size=SHARD_SIZE,
+                       min_tokens=0):
     """GPT-2 tokenize docs into NAME_val_000000.bin (first docs) and NAME_train_000001.bin ...
-    One document alone is split by tokens instead: its last val_fraction goes to val."""
+    One document alone is split by tokens instead: its last val_fraction goes to val.
+    min_tokens: fewer tokens in val (all its shards) or in a train shard is a ValueError, and no shards are left."""
     if not docs:
         raise ValueError("no documents to tokenize")
     if shard_size < 1:
@@ -289,8 +315,9 @@ def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=No
     def tokens(ds):
         for d in ds:
             # encode_ordinary: a literal "<|endoftext|>" in the text stays plain text
-            yield np.array([EOT] + enc.encode_ordinary(d), dtype=np.uint16)
-            bar.update(1)
+            toks = np.array([EOT] + enc.encode_ordinary(d), dtype=np.uint16)
+            bar.update(1)  # before the yield: one document alone is taken with next(), which never comes back here
+            yield toks
     if len(docs) == 1:  # one long text: val is its tail, which starts with <|endoftext|> like every document
         whole = next(tokens(docs))
         if len(whole) < 3:
@@ -306,6 +333,19 @@ def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=No
     splits = {"val": write_shards(val, out_dir, f"{name}_val", 0, shard_size),
               "train": write_shards(train, out_dir, f"{name}_train", 1, shard_size)}
     bar.close()
+    # train.py reads the val shards as one, and a micro-batch from one train shard: it would refuse these, so say so now
+    got = {"val": sum(c for _, c in splits["val"]), "train": min(c for _, c in splits["train"])}
+    if min(got.values()) < min_tokens:
+        for path, _ in splits["val"] + splits["train"]:
+            os.remove(path)
+        if not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        smallest = " in its smallest shard" if len(splits["train"]) > 1 else ""
+        need = (f"{MIN_TOKENS}, one micro-batch of config/tiny.py plus one (batch_size * block_size + 1 = 4 * 128 + 1)"
+                if min_tokens == MIN_TOKENS else f"{min_tokens:,} (--min_tokens)")
+        raise ValueError(f"too little text: the val split got {got['val']:,} tokens, the train split {got['train']:,}"
+                         f"{smallest}; each needs {need} for train.py: give more text, "
+                         f"or set --min_tokens to your batch_size * block_size + 1")
     for split, shards in splits.items():
         for path, count in shards:
             print(f"{path}: {count:,} tokens")
@@ -325,11 +365,25 @@ def build_sample(out_dir="data/sample"):
 
 # -----------------------------------------------------------------------------
 
+def flag(text):
+    """--sample alone, or --sample=True / --sample=False as the other scripts take a bool."""
+    if text not in ("True", "False"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return text == "True"
+
+def count_or_none(text):
+    return None if text == "None" else int(text)
+
 def main(argv=None):
+    # argparse takes --key value and --key=value alike; flag and count_or_none add the values the other
+    # scripts' --key=value allows (--sample=True, --val_docs=None)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.error = lambda message: sys.exit(f"error: {message} (python prepare_fineweb.py --help)")  # one line, no usage
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--text", nargs="+", metavar="FILE", help="tokenize these local text/.jsonl files")
-    mode.add_argument("--sample", action="store_true", help="build the offline sample in data/sample")
+    mode.add_argument("--text", nargs="+", action="extend", metavar="FILE",
+                      help="tokenize these local text/.jsonl files (--text a.txt b.txt, or --text=a.txt --text=b.txt)")
+    mode.add_argument("--sample", nargs="?", const=True, default=False, type=flag, metavar="True|False",
+                      help="build the offline sample in data/sample")
     p.add_argument("--data_dir", "--out_dir", dest="data_dir", default=None,
                    help="output dir (default data/fineweb10B, data/NAME or data/sample)")
     p.add_argument("--num_chunks", type=int, default=9, help="FineWeb train shards to get, 100M tokens each")
@@ -337,15 +391,18 @@ def main(argv=None):
     p.add_argument("--retries", type=int, default=5, help="tries per file on network errors")
     p.add_argument("--name", default="text", help="file prefix for --text shards")
     p.add_argument("--val_fraction", type=float, default=0.1, help="--text: fraction of documents for val")
-    p.add_argument("--val_docs", type=int, default=None, help="--text: number of val documents (overrides)")
+    p.add_argument("--val_docs", type=count_or_none, default=None, help="--text: number of val documents (overrides)")
     p.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="--text: max tokens per shard")
+    p.add_argument("--min_tokens", type=int, default=MIN_TOKENS,
+                   help="--text: refuse val, or a train shard, with fewer tokens (default: a micro-batch of tiny.py + 1)")
     args = p.parse_args(argv)
     try:
         if args.sample:
             build_sample(args.data_dir or "data/sample")
         elif args.text:
             tokenize_files(args.text, args.data_dir or os.path.join("data", args.name), args.name,
-                           val_fraction=args.val_fraction, val_docs=args.val_docs, shard_size=args.shard_size)
+                           val_fraction=args.val_fraction, val_docs=args.val_docs, shard_size=args.shard_size,
+                           min_tokens=args.min_tokens)
         else:
             download(fineweb_names(args.num_chunks), args.data_dir or "data/fineweb10B",
                      args.base_url, retries=args.retries)

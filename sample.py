@@ -49,7 +49,7 @@ exit_threshold = 5e-4            # leave the loop once the criterion is below th
 compile = False                  # torch.compile each block (first tokens are slow while it compiles)
 # -----------------------------------------------------------------------------
 try:
-    configure(globals(), sys.argv[1:])
+    configure(globals(), sys.argv[1:], config_files=False)  # the run's settings are in its checkpoint
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 for ok, why in ((num_samples >= 1, f"num_samples must be >= 1, got {num_samples}"),

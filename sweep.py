@@ -4,11 +4,13 @@ Two studies, each many train.py runs and then tables of mean and spread over see
 The stability study (README "Stability"): naive, RDM and Parcae loops and the fixed-depth baseline with
 the same blocks, each trained at several learning-rate multipliers, then one table of what happened.
 
-    cp ../shared/data/linuxdoc_*.bin data/linuxdoc/    # or: python prepare_fineweb.py --num_chunks 1
+    python prepare_fineweb.py --sample                 # data/sample, the default data_dir (offline, seconds)
     python sweep.py                                    # all runs (finished ones are reused), then the table
     python sweep.py --seeds=1337,1,2 --parallel=2      # three seeds, two runs at a time, one thread each
-    python sweep.py --data_dir=data/fineweb10B --out_dir=out/sweep_fineweb
-    python sweep.py --summary_only=True                # just the table, from the logs in out_dir
+    python sweep.py --data_dir=data/fineweb10B --out_dir=out/sweep_fineweb   # after prepare_fineweb.py --num_chunks 1
+    python sweep.py --summary_only=True                # just the table, from the logs in out_dir and data_dir
+A run records its data_dir; a table or a reuse of runs trained on another one is refused. README's table
+was made on GPT-2 shards of the Linux kernel documentation, --data_dir=data/linuxdoc.
 
 The parity study (README "What the loop buys"): config/parity_*.py, each with every seed, then accuracy
 against test-time depth per variant and position bucket on the long set.
@@ -40,7 +42,7 @@ from configurator import configure, exit_on_help
 # -----------------------------------------------------------------------------
 study = "stability"                # "stability" (lr multipliers) or "parity" (the parity configs)
 out_dir = ""                        # one folder per run: log.jsonl, train.log, status.json; "" = out/sweep or out/parity
-data_dir = "data/linuxdoc"          # stability: GPT-2 token shards (*_train_*.bin, *_val_*.bin)
+data_dir = "data/sample"            # stability: GPT-2 token shards (*_train_*.bin, *_val_*.bin); parity: unused
 variants = ""                       # which of the study's variants to run (comma-separated); "" = all of them
 seeds = (1337,)                     # train.py's seed: every run once per seed
 task_args = ""                      # parity: more train.py --key=value args for every run (a harder task ...)
@@ -69,9 +71,16 @@ SPIKE_NATS, SPIKE_WINDOW, SPIKE_MIN = 1.0, 10, 5
 
 
 def unigram_loss(data_dir, val_tokens):
-    """Cross-entropy (nats) of the train shards' token frequencies (add-one smoothed) on the val prefix."""
+    """Cross-entropy (nats) of the train shards' token frequencies (add-one smoothed) on the val prefix.
+    A data_dir it cannot use is a ValueError naming it: the stability study needs it before any run."""
     from prepare_fineweb import open_shard
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data_dir {data_dir} does not exist: make it with python prepare_fineweb.py --sample "
+                         f"(data/sample), or point --data_dir at a folder of GPT-2 token shards")
     shards = lambda split: sorted(p for p in os.listdir(data_dir) if f"_{split}_" in p and p.endswith(".bin"))
+    for split in ("train", "val"):
+        if not shards(split):
+            raise ValueError(f"no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
     counts = sum(np.bincount(open_shard(os.path.join(data_dir, p)), minlength=2**16) for p in shards("train"))
     val = np.concatenate([open_shard(os.path.join(data_dir, p)) for p in shards("val")])[1:val_tokens + 1]
     logp = np.log((counts + 1) / (counts.sum() + len(counts)))
@@ -139,9 +148,23 @@ def start(name, mult, seed):
 
 def finish(proc, out, run_dir, t0):
     out.close()
+    status = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(run_dir, "status.json"), "w") as f:
-        json.dump({"returncode": proc.returncode, "seconds": round(time.time() - t0, 1)}, f)
+        json.dump(status if study == "parity" else {**status, "data_dir": data_dir}, f)
     print(f"{run_dir}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
+
+
+def check_trained_on(runs):
+    """Finished stability runs in out_dir trained on another data_dir than this one are an error: their table
+    would judge them by another unigram, and a sweep would mix them with new ones. (Older runs record none.)"""
+    for run in runs:
+        path = os.path.join(out_dir, run_name(*run), "status.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                theirs = json.load(f).get("data_dir")
+            if theirs is not None and os.path.normpath(theirs) != os.path.normpath(data_dir):
+                raise ValueError(f"{os.path.dirname(path)} was trained on data_dir {theirs}, not {data_dir}: "
+                                 f"pass --data_dir={theirs}, or another --out_dir")
 
 
 def fmt(x, spec):
@@ -255,11 +278,13 @@ if __name__ == "__main__":
         if not seeds or not all(type(s) is int for s in seeds):
             raise ValueError(f"seeds must be integers, e.g. --seeds=1337,1,2, got {seeds!r}")
         out_dir = out_dir or ("out/parity" if study == "parity" else "out/sweep")
-        unigram = None if study == "parity" else unigram_loss(data_dir, 8192)
+        mults = (1.0,) if study == "parity" else multipliers
+        runs = [(n, m, s) for n in names for m in mults for s in seeds]
+        if study != "parity":  # the parity runs make their data on the fly: no data_dir
+            unigram = unigram_loss(data_dir, 8192)  # checks data_dir before any run starts, --summary_only too
+            check_trained_on(runs)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
-    mults = (1.0,) if study == "parity" else multipliers
-    runs = [(n, m, s) for n in names for m in mults for s in seeds]
     if not summary_only:
         t_start, todo, running = time.time(), list(runs), []
         while todo or running:

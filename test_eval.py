@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from http.server import ThreadingHTTPServer
 
 import numpy as np
@@ -202,6 +203,17 @@ def test_train_logs_bits_per_byte(trained):
         assert f"bpb {rec['val_bpb'][str(T)]:.4f}" in stdout  # the depth table shows it too
 
 
+def test_table_columns_keep_their_width():
+    loops = (1, 4, 16, 64, 256)
+    ppl = dict(zip(loops, [1.5, 1e6, 12345678.9, 3.2e120, float("inf")]))
+    results = {"hellaswag": {"items": 10042, "metrics": {"acc": dict.fromkeys(loops, 0.25)}},
+               "lambada": {"items": 5153, "metrics": {"acc": dict.fromkeys(loops, 0.0), "ppl": ppl}}}
+    lines = ev.table(results, loops)
+    assert len({len(line) for line in lines}) == 1, lines  # every column ends where the header's does
+    cells = lines[-1].split()[3:]
+    assert cells == ["1.50", "1000000.00", "1.235e+07", "3.200e+120", "inf"], cells
+
+
 # eval.py end to end ---------------------------------------------------------------------------
 def run_eval(*args):
     return subprocess.run([sys.executable, "eval.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -261,6 +273,12 @@ def test_bad_input_is_one_line_error(trained, tmp_path, case, want):
     assert r.stderr.startswith("error: ") and want in r.stderr
 
 
+def test_a_positional_argument_points_at_out_dir(trained):
+    _, out, _ = trained
+    r = run_eval(out)
+    assert r.returncode != 0 and r.stderr.strip() == f"error: eval.py takes no config file: point it at a run with --out_dir={out}"
+
+
 # downloads, against a local server ------------------------------------------------------------
 @pytest.fixture
 def server():
@@ -305,3 +323,16 @@ def test_failed_download_says_where_to_put_a_copy(server, tmp_path):
     assert "not found (HTTP 404)" in str(e.value)
     assert f"put a copy of {server}/missing/lambada_test.jsonl at {os.path.join(folder, 'lambada_test.jsonl')}" \
         in str(e.value)
+
+
+def test_a_host_that_does_not_resolve_fails_at_once(tmp_path, monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)  # a proxy would resolve the name, not this machine
+    url = "http://nonexistent.invalid/x/lambada_test.jsonl"  # .invalid never resolves
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        ev.task_file("lambada", str(tmp_path / "eval"), url)  # the default 5 tries would wait 1 + 2 + 4 + 8 s
+    assert time.monotonic() - t0 < 5
+    assert str(e.value) == (f"cannot download lambada data (lambada_test.jsonl: this machine cannot reach nonexistent.invalid: "
+                            f"its name does not resolve, no network or no DNS here): put a copy of {url} at "
+                            f"{tmp_path / 'eval' / 'lambada_test.jsonl'}, or point --eval_data_dir at a folder holding one")

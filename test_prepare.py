@@ -5,9 +5,11 @@ Tests for prepare_fineweb.py. CPU only, no internet (downloads hit a local http.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
@@ -117,7 +119,8 @@ def test_text_round_trip(tmp_path):
 def test_text_cli_round_trip(tmp_path):
     out = str(tmp_path / "out")
     cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"),
-           "--text", *write_text_files(tmp_path), "--out_dir", out, "--name", "cli", "--val_fraction", "0.4"]
+           "--text", *write_text_files(tmp_path), "--out_dir", out, "--name", "cli", "--val_fraction", "0.4",
+           "--min_tokens", "0"]  # a few tokens a split: too few to train on, enough to check
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     val, train, files = decode_docs(out, "cli")
@@ -254,10 +257,12 @@ def test_404_names_the_file(server):
     assert len(Handler.log) == 2  # a 404 is not retried
     assert not os.path.exists(os.path.join(data_dir, "missing_000000.bin"))
 
-def test_download_cli_404_is_one_line_error(server, tmp_path):
+@pytest.mark.parametrize("equals", [False, True])  # argparse's --key value, or --key=value as in every other script
+def test_download_cli_404_is_one_line_error(server, tmp_path, equals):
     url, data_dir = server
-    cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--num_chunks", "1",
-           "--base_url", url, "--data_dir", data_dir]
+    args = [("--num_chunks", "1"), ("--base_url", url), ("--data_dir", data_dir), ("--retries", "2")]
+    cmd = [sys.executable, os.path.join(HERE, "prepare_fineweb.py"),
+           *(a for k, v in args for a in ([f"{k}={v}"] if equals else [k, v]))]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1].startswith("error: fineweb_val_000000.bin: not found (HTTP 404)")
@@ -271,8 +276,9 @@ def test_fineweb_names():
 # -----------------------------------------------------------------------------
 # --sample
 
-def test_sample(tmp_path):
-    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--sample"],
+@pytest.mark.parametrize("args", [["--sample"], ["--sample=True"], ["--sample", "True"]])
+def test_sample(tmp_path, args):
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), *args],
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     train = pf.open_shard(str(tmp_path / "data/sample/sample_train_000001.bin"))
@@ -286,7 +292,7 @@ def run_prepare(tmp_path, *args):
                           text=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
 
 def test_text_cli_one_long_file_is_split_by_tokens(tmp_path):
-    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(200))
+    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(1000))
     (tmp_path / "book.txt").write_text(text)
     r = run_prepare(tmp_path, "--text", "book.txt", "--out_dir", "out", "--name", "book")
     assert r.returncode == 0, r.stderr
@@ -296,6 +302,8 @@ def test_text_cli_one_long_file_is_split_by_tokens(tmp_path):
     whole = [pf.EOT] + pf.gpt2_encoding().encode_ordinary(text)
     assert train.tolist() + val.tolist()[1:] == whole and val[0] == pf.EOT  # nothing lost, nothing repeated
     assert abs(len(val) - 1 - 0.1 * (len(whole) - 1)) <= 1  # the default val_fraction of the tokens
+    last_bar = [b for b in r.stderr.replace("\n", "\r").split("\r") if b.startswith("tokenizing book")][-1]
+    assert "| 1/1 [" in last_bar, r.stderr  # the progress bar reaches its one document
 
 @pytest.mark.parametrize("content", ["", "  \n\n", "\n\n"])
 def test_text_cli_empty_file_is_refused_by_name(tmp_path, content):
@@ -331,3 +339,58 @@ def test_tokenizer_missing_or_wrong_file_is_one_line_error(tmp_path):
     (tmp_path / "r50k_base.tiktoken").write_text("not a BPE file\n")
     r = encode_offline(tmp_path, tmp_path)
     assert r.returncode != 0 and "sha256 differs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+def test_text_cli_takes_key_equals_value_too(tmp_path):
+    text = "".join(f"Paragraph {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(200))
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "b.txt").write_text(text.upper())
+    spaced = run_prepare(tmp_path, "--text", "a.txt", "b.txt", "--out_dir", "spaced", "--name", "x",
+                         "--val_fraction", "0.5", "--shard_size", "100000")
+    equals = run_prepare(tmp_path, "--text=a.txt", "--text=b.txt", "--out_dir=equals", "--name=x",
+                         "--val_fraction=0.5", "--val_docs=None", "--shard_size=100000")
+    assert spaced.returncode == equals.returncode == 0, spaced.stderr + equals.stderr
+    for f in ("x_train_000001.bin", "x_val_000000.bin"):
+        assert (tmp_path / "spaced" / f).read_bytes() == (tmp_path / "equals" / f).read_bytes()
+
+@pytest.mark.parametrize("args,message", [
+    (["--sample=maybe"], "error: argument --sample: expected True or False, got 'maybe'"),
+    (["--num_chunks=abc"], "error: argument --num_chunks: invalid int value: 'abc'"),
+    (["--sample=True", "--text=a.txt"], "error: argument --text: not allowed with argument --sample"),
+])
+def test_cli_misuse_is_one_line_error(tmp_path, args, message):
+    r = run_prepare(tmp_path, *args)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+    assert os.listdir(tmp_path) == []
+
+def test_text_too_short_to_train_on_is_refused_with_the_numbers(tmp_path):
+    (tmp_path / "short.txt").write_text("A few words. " * 60)  # 241 tokens: 24 (and <|endoftext|>) for val, 217 for train
+    r = run_prepare(tmp_path, "--text", "short.txt", "--out_dir", "out")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr  # the lines before: the tokenizing bar
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: too little text: the val split got 25 tokens, the train split 218; each needs 513, one micro-batch of "
+        "config/tiny.py plus one (batch_size * block_size + 1 = 4 * 128 + 1) for train.py: give more text, or set "
+        "--min_tokens to your batch_size * block_size + 1")
+    assert not (tmp_path / "out").exists()  # no shards that train.py would refuse
+    # small train shards: the smallest is named
+    r = run_prepare(tmp_path, "--text=short.txt", "--out_dir=out", "--shard_size=100", "--min_tokens=20")
+    assert "the val split got 25 tokens, the train split 18 in its smallest shard; each needs 20 (--min_tokens)" in r.stderr
+    r = run_prepare(tmp_path, "--text=short.txt", "--out_dir=out", "--min_tokens=25")
+    assert r.returncode == 0 and sorted(os.listdir(tmp_path / "out")) == ["text_train_000001.bin", "text_val_000000.bin"]
+
+def test_a_host_that_does_not_resolve_is_one_line_at_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}  # a proxy would resolve the name
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, os.path.join(HERE, "prepare_fineweb.py"), "--num_chunks=0",
+                        "--base_url=http://nonexistent.invalid/data", "--data_dir=d"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    assert time.monotonic() - t0 < 5 and r.returncode != 0, r.stderr  # no retries: 1 + 2 + 4 + 8 s of them
+    assert r.stderr.strip() == ("error: fineweb_val_000000.bin: this machine cannot reach nonexistent.invalid: its name "
+                                "does not resolve, no network or no DNS here")
+
+def test_a_refused_connection_is_still_retried(tmp_path, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match="download failed after 2 tries"):
+        pf.fetch(f"http://127.0.0.1:{port}/x.bin", str(tmp_path / "x.bin"), retries=2, backoff=0.001, timeout=5)
+    assert "retrying in" in capsys.readouterr().err

@@ -146,7 +146,9 @@ def test_incompatible_checkpoint(tmp_path, kind):
     check_error(sample(f"--out_dir={path}"), "incompatible", "version 2" if kind == "version" else "n_loops")
 
 
-@pytest.mark.parametrize("arg, words", [("--bogus=1", ["unknown", "bogus"]), ("--cache=half", ["cache", "half"])])
+@pytest.mark.parametrize("arg, words", [("--bogus=1", ["unknown", "bogus"]), ("--cache=half", ["cache", "half"]),
+                                        ("--compile=1", ["'compile' must be True or False, got 1"]),
+                                        ("--use_cache=0", ["'use_cache' must be True or False, got 0"])])
 def test_bad_settings(out_dir, arg, words):
     check_error(sample(f"--out_dir={out_dir}", arg), *words)
 
@@ -157,3 +159,14 @@ def test_unreadable_checkpoint(tmp_path, kind, words):
     blob = open(os.path.join(path, "ckpt.pt"), "rb").read()
     open(os.path.join(path, "ckpt.pt"), "wb").write(b"" if kind == "empty" else blob[:len(blob) // 2])
     check_error(sample(f"--out_dir={path}"), "ckpt.pt", *words)
+
+
+@pytest.mark.parametrize("prompt", ["1984", "None", 'he said "hi"'])
+def test_prompt_is_the_text_as_typed(out_dir, prompt):
+    (s,) = samples(sample(f"--out_dir={out_dir}", f"--start={prompt}", "--num_samples=1", "--max_new_tokens=5"))
+    assert s[0].startswith(prompt) and len(s[0]) > len(prompt)
+
+
+def test_a_positional_argument_points_at_out_dir(out_dir):
+    check_error(sample(out_dir), f"error: sample.py takes no config file: point it at a run with --out_dir={out_dir}")
+    check_error(sample("config/tiny.py"), "--out_dir=out/tiny (the out_dir config/tiny.py sets)")

@@ -2,8 +2,11 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
 from prepare_fineweb import write_shard
 from sweep import reference_losses, summarize, unigram_loss
@@ -108,3 +111,50 @@ def test_parity_tables_give_mean_and_spread_over_seeds(tmp_path, monkeypatch):
     assert "| naive | 0/0 |" in text
     assert "| long | 32 | 1.000 ± 0.000 | 0.950 ± 0.071 | 0.475 ± 0.035 |" in text
     assert "| id | 32 | 1.000 ± 0.000 | - |" in text  # a bucket with no digits is '-'
+
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def sweep_cli(*args):
+    return subprocess.run([sys.executable, "sweep.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_default_data_dir_is_what_prepare_fineweb_makes():
+    import sweep
+    assert sweep.data_dir == "data/sample" and "python prepare_fineweb.py --sample" in sweep.__doc__
+
+
+@pytest.mark.parametrize("summary_only", [True, False])
+def test_missing_data_dir_is_one_line_before_any_run(tmp_path, summary_only):
+    missing = tmp_path / "nope"
+    r = sweep_cli(f"--data_dir={missing}", f"--out_dir={tmp_path / 'out'}", f"--summary_only={summary_only}")
+    assert r.returncode != 0 and r.stdout == "" and r.stderr.strip() == (
+        f"error: data_dir {missing} does not exist: make it with python prepare_fineweb.py --sample (data/sample), "
+        f"or point --data_dir at a folder of GPT-2 token shards")
+    assert not (tmp_path / "out").exists()
+    r = sweep_cli(f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}", "--summary_only=True")
+    assert r.stderr.strip() == f"error: no train shards (*_train_*.bin) in {tmp_path}: run prepare_fineweb.py first"
+
+
+def test_parity_needs_no_data_dir(tmp_path):
+    r = sweep_cli("--study=parity", f"--data_dir={tmp_path / 'nope'}", f"--out_dir={tmp_path}", "--summary_only=True")
+    assert r.returncode == 0 and r.stdout.strip() == f"no finished parity runs in {tmp_path}", r.stderr
+
+
+def test_runs_trained_on_another_data_dir_are_refused(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    write_shard(str(data / "x_train_000001.bin"), np.arange(100))
+    write_shard(str(data / "x_val_000000.bin"), np.arange(100))
+    out = tmp_path / "out"
+    run = fake_run(out / "parcae_x1_s1337", [5.0] * 3, [0.5] * 3, [1.0] * 3, {"4": 4.5, "8": 4.4}, 0)
+    with open(os.path.join(run, "status.json"), "w") as f:
+        json.dump({"returncode": 0, "seconds": 1.0, "data_dir": "data/linuxdoc"}, f)
+    r = sweep_cli(f"--data_dir={data}", f"--out_dir={out}", "--variants=parcae", "--multipliers=1", "--summary_only=True")
+    assert r.returncode != 0 and r.stderr.strip() == (f"error: {run} was trained on data_dir data/linuxdoc, not {data}: "
+                                                      f"pass --data_dir=data/linuxdoc, or another --out_dir")
+    with open(os.path.join(run, "status.json"), "w") as f:
+        json.dump({"returncode": 0, "seconds": 1.0, "data_dir": str(data)}, f)
+    r = sweep_cli(f"--data_dir={data}", f"--out_dir={out}", "--variants=parcae", "--multipliers=1", "--summary_only=True")
+    assert r.returncode == 0 and "| parcae | 1 | 4.5000 |" in r.stdout, r.stderr

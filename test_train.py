@@ -59,6 +59,20 @@ def test_bad_setting_names_the_key(arg, key):
     assert r.returncode != 0 and key in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("script", ["train.py", "bench.py"])
+@pytest.mark.parametrize("arg,words", [("--compile=1", "'compile' must be True, False or None"),
+                                       ("--compile=0", "'compile' must be True, False or None"),
+                                       ("--compile=1.0", "'compile' must be True, False or None"),
+                                       ("--overwrite=1", "'overwrite' must be True or False, got 1"),
+                                       ("--prelude_norm=0", "'prelude_norm' must be True or False, got 0")])
+def test_a_bool_setting_is_true_or_false(tmp_path, script, arg, words):
+    # 1 == True in Python: without the check --compile=1 was silently True
+    r = subprocess.run([sys.executable, script, arg, "--device=cpu", f"--data_dir={tmp_path}"], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert words in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
 @pytest.mark.parametrize("arg,words", [("--device=gpu", ["unknown device 'gpu'", "cuda:N"]),
                                        ("--device=cuda:99", ["cuda:99"]), ("--dtype=half", ["dtype", "half"]),
@@ -110,11 +124,46 @@ def test_batch_size_error_names_a_value_that_works(tmp_path, args, fix):
     assert r.returncode != 0 and "Traceback" not in r.stderr and r.stderr.strip().endswith(fix), r.stderr
 
 
+def test_unknown_key_suggests_the_closest_one():
+    r = train("--max_iter=100", check=False)
+    assert r.returncode != 0 and r.stderr.strip() == "error: unknown config key 'max_iter' (command line): did you mean max_iters?"
+
+
+def test_a_config_folder_is_one_line_error():
+    r = train("config", check=False)
+    assert r.returncode != 0 and r.stderr.strip() == ("error: config is a folder, not a config file: name a file in it, "
+                                                      "e.g. config/tiny.py")
+
+
 def test_unknown_key_in_config_file(tmp_path):
     cfg = tmp_path / "bad.py"
     cfg.write_text("n_embd = 64\nlearning_rate = 1e-3\n")
     r = train(str(cfg), check=False)
     assert r.returncode != 0 and "learning_rate" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_data_folder_says_so(tmp_path):
+    r = train(*TINY, f"--data_dir={tmp_path / 'nope'}", check=False)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: data_dir {tmp_path / 'nope'} does not exist: make it with python "
+                               f"prepare_fineweb.py (--sample writes data/sample)"), r.stderr
+    r = train(*TINY, f"--data_dir={tmp_path}", check=False)  # a folder without shards: the prepare hint
+    assert r.stderr.strip() == f"error: no train shards (*_train_*.bin) in {tmp_path}: run prepare_fineweb.py first"
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_data_under_one_batch_says_what_to_lower(tmp_path, split):
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(str(d / "x_val_000000.bin"), np.arange(100 if split == "val" else 5000) % 50000)
+    write_shard(str(d / "x_train_000001.bin"), np.arange(100 if split == "train" else 5000) % 50000)
+    r = train(*TINY, f"--data_dir={d}", f"--out_dir={tmp_path / 'out'}", check=False)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    start = (f"error: a train shard {d / 'x_train_000001.bin'} holds 100 tokens" if split == "train" else
+             f"error: the val shards in {d} hold 100 tokens")
+    assert r.stderr.startswith(start), r.stderr
+    assert r.stderr.strip().endswith("batch_size * block_size * processes + 1 = 4 * 32 * 1 + 1 = 129: lower batch_size "
+                                     "or block_size (total_batch_size with them), run fewer processes, or prepare more text")
 
 
 def test_bad_shard_is_named(tmp_path, data):
@@ -126,6 +175,7 @@ def test_bad_shard_is_named(tmp_path, data):
         f.truncate(1024 + 2 * 4000)  # fewer tokens than the header claims
     r = train(*TINY, f"--data_dir={bad}", f"--out_dir={tmp_path / 'out'}", check=False)
     assert r.returncode != 0 and "x_train_000001.bin" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: bad shard: ")
 
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, data):
@@ -333,6 +383,33 @@ def test_eval_only_prints_depth_table_and_fit(tmp_path, data):
     for T in (1, 2, 4, 8):
         assert f"T={T} " in r.stdout
     assert "fit L(T)" in r.stdout and "rms residual" in r.stdout
+
+
+TASK = ["--task=parity", "--block_size=24", "--task_train_len=1,4", "--task_long_len=9,12", "--task_eval_rows=32",
+        "--n_embd=32", "--n_head=2", "--n_kv_head=2", "--n_prelude=1", "--n_core=1", "--n_coda=1", "--mean_recurrence=3",
+        "--backprop_depth=2", "--batch_size=8", "--total_batch_size=192", "--device=cpu", "--compile=False"]
+
+
+@pytest.mark.parametrize("kind", ["text", "task"])
+def test_eval_only_records_go_to_their_own_file(tmp_path, data, kind):
+    # log.jsonl is the training run: a plot of it must not take a later evaluation of the final weights for its own
+    out = tmp_path / "run"
+    common = [*TINY, f"--data_dir={data}"] if kind == "text" else TASK
+    train(*common, f"--out_dir={out}", "--max_iters=2", "--eval_interval=2", "--eval_loops=1")
+    log = (out / "log.jsonl").read_text()
+    for loops in ("1,2", "4"):
+        r = train(f"--out_dir={out}", "--eval_only=True", f"--eval_loops={loops}", "--device=cpu")
+        assert (out / "log.jsonl").read_text() == log
+        first = r.stdout.splitlines()[0]
+        assert first.startswith(f"evaluating {out / 'ckpt.pt'} at iter 2: ") and "grad_accum" not in r.stdout, first
+        assert f"loop depths {loops.replace(',', ', ')};" in first
+        assert (f"the first 1,024 val tokens in {data}" if kind == "text" else "32 rows in each of the id and long sets") in first
+        assert f"(eval_only: appended to {out / 'eval_only.jsonl'})" in r.stdout
+    recs = [json.loads(line) for line in (out / "eval_only.jsonl").read_text().splitlines()]
+    assert [(rec["iter"], sorted(rec["val"])) for rec in recs] == [(2, ["1", "2"]), (2, ["4"])]
+    assert ("task" in recs[0]) == (kind == "task")
+    train(*common, f"--out_dir={out}", "--max_iters=1", "--overwrite=True")  # a new run: the old model's records go
+    assert not (out / "eval_only.jsonl").exists()
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, data):

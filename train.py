@@ -17,6 +17,7 @@ Settings below can be overridden by a config file and then by --key=value:
     python train.py config/tiny.py --overwrite=True             # start over where a checkpoint exists
     python train.py --help                                      # every setting, its default and what it does
     python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
+Training appends its records to out_dir/log.jsonl; an --eval_only=True run appends to out_dir/eval_only.jsonl.
 """
 import sys
 
@@ -47,10 +48,10 @@ from prepare_fineweb import open_shard, read_batch, token_byte_lengths
 out_dir = "out"                  # ckpt.pt and log.jsonl go here
 data_dir = "data/fineweb10B"     # *_train_*.bin and *_val_*.bin shards
 init_from = "scratch"            # "scratch" or "resume" (from out_dir/ckpt.pt)
-overwrite = False                # let a run from scratch replace out_dir's ckpt.pt and log.jsonl
+overwrite = False                # let a run from scratch replace out_dir's ckpt.pt and log.jsonl (eval_only.jsonl goes too)
 eval_interval = 250              # evaluate and checkpoint every this many steps (and at the end)
 log_interval = 10                # print training stats every this many steps
-eval_only = False                # evaluate the checkpoint in out_dir and exit
+eval_only = False                # evaluate the checkpoint in out_dir, append the result to out_dir/eval_only.jsonl, exit
 eval_loops = ()                  # loop depths to evaluate; () = 1, 2, mu/2, mu, 2 mu
 val_tokens = 10_485_760          # fixed prefix of the val shard(s) used by every evaluation
 # a synthetic task instead of token shards (tasks.py, README "What the loop buys")
@@ -108,8 +109,8 @@ except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
-if compile not in (None, True, False):
-    raise SystemExit(f"error: config key 'compile' must be True, False or None, got {compile!r}")
+if compile is not None and type(compile) is not bool:  # not `in (None, True, False)`: 1 == True would pass
+    raise SystemExit(f"error: config key 'compile' must be True, False or None (None: on for CUDA only), got {compile!r}")
 if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
 if not all(type(T) is int and T >= 1 for T in eval_loops):
@@ -118,6 +119,10 @@ for key in ("eval_interval", "log_interval", "max_iters", "batch_size", "block_s
     if globals()[key] < 1:
         raise SystemExit(f"error: {key} must be >= 1, got {globals()[key]}")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
+# where evaluations are recorded: an eval_only run's go to a file of their own, since a plot of log.jsonl would
+# take an evaluation of the final weights, made later and perhaps at other depths, for one made in training
+eval_only_path = os.path.join(out_dir, "eval_only.jsonl")
+record_path = eval_only_path if eval_only else os.path.join(out_dir, "log.jsonl")
 if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
     # a trained model is not replaced by accident: say the three ways on
     raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
@@ -170,7 +175,7 @@ if compile is None:
     compile = device_type == "cuda"
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 tokens_per_micro = batch_size * block_size * world
-if total_batch_size % tokens_per_micro:  # name a value that works: the next multiple, or a smaller micro-batch
+if total_batch_size % tokens_per_micro and not eval_only:  # only training accumulates gradients  # name a value that works: the next multiple, or a smaller micro-batch
     fix = f"--total_batch_size={-(-total_batch_size // tokens_per_micro) * tokens_per_micro}"
     fix += next((f" or --batch_size={b}" for b in range(batch_size - 1, 0, -1)
                  if total_batch_size % (b * block_size * world) == 0), "")
@@ -188,13 +193,25 @@ def log(*args):
 
 
 def shards(split):
+    if not os.path.isdir(data_dir):
+        if os.path.exists(data_dir):
+            raise SystemExit(f"error: data_dir {data_dir} is a file, not a folder of token shards: point --data_dir "
+                             f"at the folder that holds it")
+        raise SystemExit(f"error: data_dir {data_dir} does not exist: make it with python prepare_fineweb.py (--sample "
+                         f"writes data/sample), or point --data_dir at a folder of *_train_*.bin and *_val_*.bin shards")
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
     if not paths:
-        raise SystemExit(f"no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
+        raise SystemExit(f"error: no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
     try:
         return [open_shard(p) for p in paths]  # checks every header and size up front
     except ValueError as e:
-        raise SystemExit(f"bad shard: {e}") from None
+        raise SystemExit(f"error: bad shard: {e}") from None
+
+
+# what to lower when the data is shorter than one micro-batch of every rank (+1: the last target)
+smaller = (f"batch_size * block_size * processes + 1 = {batch_size} * {block_size} * {world} + 1 = "
+           f"{tokens_per_micro + 1}: lower batch_size or block_size (total_batch_size with them), run fewer processes, "
+           f"or prepare more text")
 
 
 # data: train shards read sequentially, the val prefix read once; or a task's batches made on the fly
@@ -204,12 +221,19 @@ if task:
     task_buckets = tasks.buckets(task_train_len, task_long_len)
 else:
     train_shards = [] if eval_only else shards("train")
-    if any(len(s) < tokens_per_micro + 1 for s in train_shards):
-        raise SystemExit(f"a train shard in {data_dir} has fewer than {tokens_per_micro + 1} tokens")
+    short = min(train_shards, key=len, default=None)
+    if short is not None and len(short) < tokens_per_micro + 1:
+        where = getattr(short, "filename", None) or f"in {data_dir}"  # an empty shard is no memmap: no name
+        raise SystemExit(f"error: a train shard {where} holds {len(short)} tokens, fewer than one micro-batch "
+                         f"needs, {smaller}")
     val = np.concatenate(shards("val"))
     val_seqs = min(val_tokens, len(val) - 1) // (block_size * batch_size * world) * batch_size * world
+    if val_seqs == 0 and val_tokens < tokens_per_micro:
+        raise SystemExit(f"error: val_tokens={val_tokens} is less than one batch of every rank, "
+                         f"batch_size * block_size * processes = {tokens_per_micro}: raise val_tokens")
     if val_seqs == 0:
-        raise SystemExit(f"the val shards hold {len(val)} tokens, fewer than one batch of every rank")
+        raise SystemExit(f"error: the val shards in {data_dir} hold {len(val)} tokens, fewer than one batch of every "
+                         f"rank needs, {smaller}")
 data_pos = [0, 0]  # (shard, offset) of the next global micro-batch; a task's: (micro-batch counter, 0)
 
 
@@ -271,8 +295,15 @@ if not eval_loops:
     eval_loops = tuple(sorted({1, 2, max(1, cfg.mean_recurrence // 2), cfg.mean_recurrence, 2 * cfg.mean_recurrence}))
 if not peak_flops and device_type == "cuda":
     peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
-log(f"{cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M unique parameters, "
-    f"{world} process(es), grad_accum {grad_accum}, device {device}, {dtype}, compile {compile}")
+if eval_only:  # what the numbers are of: the checkpoint, the depths and how much data
+    data = (f"{task_eval_rows} rows in each of the id and long sets, batches of {max(batch_size, 128)}" if task else
+            f"the first {val_seqs * block_size:,} val tokens in {data_dir}, batches of {batch_size}")
+    log(f"evaluating {ckpt_path} at iter {iter_num}: {cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M "
+        f"unique parameters, loop depths {', '.join(map(str, eval_loops))}; {data}; {world} process(es), "
+        f"device {device}, {dtype}, compile {compile}")
+else:
+    log(f"{cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M unique parameters, "
+        f"{world} process(es), grad_accum {grad_accum}, device {device}, {dtype}, compile {compile}")
 if task:
     log(f"task {task} mod {task_mod}: rows of {block_size} tokens, training segments of {task_train_len[0]}-{task_train_len[1]} "
         f"digits, long set {task_long_len[0]}-{task_long_len[1]}; chance is 1/{task_mod} = {1 / task_mod:.3f}. "
@@ -349,7 +380,7 @@ def report_task_eval():
     res = evaluate_task()
     names = [f"{lo}-{hi}" for lo, hi in task_buckets]
     rows = [f"step {iter_num}, {task} mod {task_mod} (chance {1 / task_mod:.3f}): accuracy per labelled digit by its "
-            f"position in the segment, whole segments right, loss on the digits, loop state",
+            f"position in the segment, whole segments right, loss on the digits, loop state{written_to()}",
             f"  {'set':<5} {'T':>4} " + " ".join(f"{n:>6}" for n in names) + "  segment    loss  state rms  residual"]
     for name, by_T in res.items():
         for T, r in by_T.items():
@@ -380,15 +411,20 @@ def fit_saturating_exp(T, L):
 
 def write_log(record):
     if master:
-        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+        with open(record_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def written_to():
+    """The end of an evaluation's header line: where an eval_only run records it (training's go to log.jsonl)."""
+    return f" (eval_only: appended to {record_path})" if eval_only else ""
 
 
 def report_eval():
     if task:
         return report_task_eval()
     losses, bpbs, states = evaluate()
-    log(f"step {iter_num} val loss by loop depth:\n" + "\n".join(
+    log(f"step {iter_num} val loss by loop depth{written_to()}:\n" + "\n".join(
         f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}   state rms {states[T][0]:.3g}   residual {states[T][1]:.3g}"
         for T, l in losses.items()))
     write_log({"iter": iter_num, "val": losses, "val_bpb": bpbs, "val_state_rms": {T: s[0] for T, s in states.items()},
@@ -424,8 +460,10 @@ def save_checkpoint():
 log_path = os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if init_from == "scratch" and not eval_only and os.path.exists(log_path):
-        os.remove(log_path)  # a new run starts a new log, never appends to an old one
+    if init_from == "scratch" and not eval_only:
+        for old in (log_path, eval_only_path):  # a new run starts a new log, never appends to an old one
+            if os.path.exists(old):
+                os.remove(old)
     if init_from == "resume" and not eval_only and os.path.exists(log_path):
         # steps logged after the last checkpoint (then Ctrl-C or a crash) are run again now: drop the old ones
         with open(log_path) as f:
