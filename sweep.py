@@ -279,7 +279,7 @@ if __name__ == "__main__":
             raise ValueError(f"seeds must be integers, e.g. --seeds=1337,1,2, got {seeds!r}")
         out_dir = out_dir or ("out/parity" if study == "parity" else "out/sweep")
         mults = (1.0,) if study == "parity" else multipliers
-        runs = [(n, m, s) for n in names for m in mults for s in seeds]
+        runs = [(n, m, s) for s in seeds for n in names for m in mults]  # seed by seed: a partial sweep gives whole tables
         if study != "parity":  # the parity runs make their data on the fly: no data_dir
             unigram = unigram_loss(data_dir, 8192)  # checks data_dir before any run starts, --summary_only too
             check_trained_on(runs)
