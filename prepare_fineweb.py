@@ -345,7 +345,7 @@ def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=No
                 if min_tokens == MIN_TOKENS else f"{min_tokens:,} (--min_tokens)")
         raise ValueError(f"too little text: the val split got {got['val']:,} tokens, the train split {got['train']:,}"
                          f"{smallest}; each needs {need} for train.py: give more text, "
-                         f"or set --min_tokens to your batch_size * block_size + 1")
+                         f"or set --min_tokens to your batch_size * block_size * processes + 1")
     for split, shards in splits.items():
         for path, count in shards:
             print(f"{path}: {count:,} tokens")

@@ -46,8 +46,8 @@ data_dir = "data/sample"            # stability: GPT-2 token shards (*_train_*.b
 variants = ""                       # which of the study's variants to run (comma-separated); "" = all of them
 seeds = (1337,)                     # train.py's seed: every run once per seed
 task_args = ""                      # parity: more train.py --key=value args for every run (a harder task ...)
-multipliers = (0.5, 1.0, 2.0, 4.0, 8.0)  # learning-rate multipliers around train.py's defaults
-max_iters = 100                     # optimizer steps per run
+multipliers = (0.5, 1.0, 2.0, 4.0, 8.0)  # stability: learning-rate multipliers around train.py's defaults
+max_iters = 100                     # stability: optimizer steps per run (parity: the configs' own)
 parallel = 1                        # runs at a time (each with one OpenMP thread)
 summary_only = False                # only print the table of the runs already in out_dir
 # -----------------------------------------------------------------------------
@@ -150,21 +150,26 @@ def finish(proc, out, run_dir, t0):
     out.close()
     status = {"returncode": proc.returncode, "seconds": round(time.time() - t0, 1)}
     with open(os.path.join(run_dir, "status.json"), "w") as f:
-        json.dump(status if study == "parity" else {**status, "data_dir": data_dir}, f)
+        json.dump({**status, "task_args": task_args} if study == "parity" else {**status, "data_dir": data_dir}, f)
     print(f"{run_dir}: exit {proc.returncode} after {time.time() - t0:.0f} s", flush=True)
 
 
 def check_trained_on(runs):
-    """Finished stability runs in out_dir trained on another data_dir than this one are an error: their table
-    would judge them by another unigram, and a sweep would mix them with new ones. (Older runs record none.)"""
+    """Finished runs in out_dir made with another data_dir (stability) or other task_args (parity) than this
+    sweep's are an error: a table would mix them with new ones, or judge them by another unigram. (Runs
+    that record neither are taken as they are.)"""
+    key, ours = ("task_args", task_args) if study == "parity" else ("data_dir", data_dir)
+    same = (lambda a, b: a.split() == b.split()) if study == "parity" else \
+        (lambda a, b: os.path.normpath(a) == os.path.normpath(b))
     for run in runs:
         path = os.path.join(out_dir, run_name(*run), "status.json")
         if os.path.exists(path):
             with open(path) as f:
-                theirs = json.load(f).get("data_dir")
-            if theirs is not None and os.path.normpath(theirs) != os.path.normpath(data_dir):
-                raise ValueError(f"{os.path.dirname(path)} was trained on data_dir {theirs}, not {data_dir}: "
-                                 f"pass --data_dir={theirs}, or another --out_dir")
+                theirs = json.load(f).get(key)
+            if theirs is not None and not same(theirs, ours):
+                shown = (theirs, ours) if key == "data_dir" else (repr(theirs), repr(ours))
+                raise ValueError(f"{os.path.dirname(path)} was {'trained on' if key == 'data_dir' else 'made with'} "
+                                 f"{key} {shown[0]}, not {shown[1]}: pass --{key}={shown[0]}, or another --out_dir")
 
 
 def fmt(x, spec):
@@ -173,7 +178,7 @@ def fmt(x, spec):
 
 def mean_sd(xs, spec=".3f"):
     """'mean ± sd' over seeds (sample sd); one value alone; '-' for none; nan-aware."""
-    xs = [x for x in xs if x is not None]
+    xs = [x for x in xs if x is not None and x == x]  # a NaN (an empty bucket in older logs) is no value
     if not xs:
         return "-"
     if len(xs) == 1:
@@ -203,13 +208,16 @@ def parity_tables(names):
             if st["returncode"] != 0 or rec is None:
                 fails += 1
                 continue
-            finals.append(rec), secs.append(st["seconds"]), steps.append(rec["iter"])
+            finals.append(rec)
+            secs.append(st["seconds"])
+            steps.append(rec["iter"])
         info[n] = (finals, secs, steps, fails, len(ds))
     some = next((f[0] for f, *_ in info.values() if f), None)
     if some is None:
         return "no finished parity runs in " + out_dir
-    depths = sorted(some["task"]["long"], key=int)
-    buckets = list(some["task"]["long"][depths[0]]["acc"])
+    every = [f for finals, *_ in info.values() for f in finals]  # runs may differ in eval_loops: take them all
+    depths = sorted({T for f in every for T in f["task"]["long"]}, key=int)
+    buckets = list(dict.fromkeys(b for f in every for r in f["task"]["long"].values() for b in r["acc"]))
     last = buckets[-1]
     head = ["variant", "seeds ok", "steps", "min/run", f"id {buckets[0]} at T=mu"] + [f"T={T}" for T in depths]
     out.append(f"Accuracy on the long set's digits at positions {last} by test-time depth T (chance "
@@ -222,7 +230,7 @@ def parity_tables(names):
         at_mu = [f["task"]["id"].get(str(f["mu"])) for f in finals]  # None where mu was not evaluated
         row = [n, f"{len(finals)}/{total}", mean_sd(steps, ".0f"), mean_sd([s / 60 for s in secs], ".1f"),
                mean_sd([r["acc"][buckets[0]] if r else None for r in at_mu])]
-        row += [mean_sd([f["task"]["long"][T]["acc"][last] for f in finals]) for T in depths]
+        row += [mean_sd([f["task"]["long"].get(T, {}).get("acc", {}).get(last) for f in finals]) for T in depths]
         out.append("| " + " | ".join(row) + " |")
     for n, (finals, *_rest) in info.items():
         if not finals:
@@ -232,8 +240,10 @@ def parity_tables(names):
         out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
         for name in ("id", "long"):
             for T in depths:
-                rs = [f["task"][name][T] for f in finals]
-                accs = [mean_sd([r["acc"][b] if r["acc"][b] == r["acc"][b] else None for r in rs]) for b in buckets]
+                rs = [f["task"][name][T] for f in finals if T in f["task"][name]]
+                if not rs:
+                    continue
+                accs = [mean_sd([r["acc"].get(b) for r in rs]) for b in buckets]
                 out.append("| " + " | ".join([name, T, *accs, mean_sd([r["segment"] for r in rs]),
                                               mean_sd([r["state_rms"] for r in rs], ".3g"),
                                               mean_sd([r["residual"] for r in rs], ".2g")]) + " |")
@@ -282,7 +292,7 @@ if __name__ == "__main__":
         runs = [(n, m, s) for s in seeds for n in names for m in mults]  # seed by seed: a partial sweep gives whole tables
         if study != "parity":  # the parity runs make their data on the fly: no data_dir
             unigram = unigram_loss(data_dir, 8192)  # checks data_dir before any run starts, --summary_only too
-            check_trained_on(runs)
+        check_trained_on(runs)
     except (ValueError, OSError) as e:
         raise SystemExit(f"error: {e}") from None
     if not summary_only:

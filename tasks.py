@@ -15,11 +15,14 @@ Token layout, fixed so that any tool can read a checkpoint:
     0 PAD   1 BOS   2 SEP   3 .. 3+m-1 the digits 0 .. m-1     vocab_size = 3 + m
 A digit's label is the digit token of the running sum; every other target is -1 (nothing predicted).
 
-Training rows are made on the fly, batch i of rank r from the generator seeded by (seed, r, i), so the
-data of a resumed run is a function of its batch counter. They are filled to the end, the last segment
+Training rows are made on the fly, global micro-batch g (rank r of world takes g = i * world + r) from
+the generator seeded by (seed, 0, g): the data of a run is a function of its seed and its count of
+micro-batches, whatever the number of processes, and a resume continues it exactly. They are filled to the end, the last segment
 cut there (a single slot left over, too short for SEP and a digit, is PAD). The two evaluation sets are fixed by eval_seed and share no generator with training:
 "id" has segments of the training lengths, "long" segments of the long lengths; each of their rows
-holds whole segments and ends in PAD.
+holds whole segments and ends in PAD. They come from the generators seeded by (eval_seed, 0) and
+(eval_seed, 1), which numpy pads to (eval_seed, 0, 0) and (eval_seed, 1, 0): so a run whose seed equals
+eval_seed is refused, since its first training batch would be the id set.
 """
 import numpy as np
 import torch
@@ -32,7 +35,7 @@ def vocab_size(mod):
     return DIGIT0 + mod
 
 
-def check(task, mod, train_len, long_len, row_len):
+def check(task, mod, train_len, long_len, row_len, seed=1337, eval_rows=1, eval_seed=0):
     """A one-line ValueError for settings that cannot make a task."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose from {list(TASKS)} (or '' for token shards)")
@@ -44,6 +47,12 @@ def check(task, mod, train_len, long_len, row_len):
         if lens[1] + 2 > row_len:  # BOS, SEP, then the digits
             raise ValueError(f"{key}={lens!r}: a segment of {lens[1]} digits needs a row of {lens[1] + 2} tokens "
                              f"(BOS, SEP, digits), block_size is {row_len}: raise block_size or shorten the segments")
+    for key, value, low in (("seed", seed, 0), ("task_eval_rows", eval_rows, 1), ("task_eval_seed", eval_seed, 0)):
+        if type(value) is not int or value < low:
+            raise ValueError(f"{key} must be an integer >= {low} for a task (numpy seeds its generators), got {value!r}")
+    if seed == eval_seed:
+        raise ValueError(f"seed={seed} is task_eval_seed: the first training batch would be the id eval set; "
+                         f"choose another seed or task_eval_seed")
 
 
 def make_rows(rng, n, row_len, lens, mod, pad):
@@ -67,9 +76,9 @@ def make_rows(rng, n, row_len, lens, mod, pad):
     return x, y
 
 
-def train_batch(seed, rank, i, batch_size, row_len, train_len, mod):
-    """Micro-batch i of this rank: (x, y) int64 tensors (batch_size, row_len)."""
-    rng = np.random.default_rng([seed, rank, i])
+def train_batch(seed, g, batch_size, row_len, train_len, mod):
+    """Global micro-batch g: (x, y) int64 tensors (batch_size, row_len)."""
+    rng = np.random.default_rng([seed, 0, g])  # for one process, what (seed, rank 0, batch g) always drew
     x, y = make_rows(rng, batch_size, row_len, train_len, mod, pad=False)
     return torch.from_numpy(x), torch.from_numpy(y)
 
@@ -129,7 +138,8 @@ def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world
     """{set: {T: result}} for each eval set (x, y) at each loop depth T: the loss on the labelled digits, the
     accuracy per digit by position bucket (nan where a bucket holds none), whole segments right, and the loop
     state (RMS of h_T, last step's relative residual) averaged over rows. This rank takes chunks rank, rank +
-    world ...; all_reduce (sum over ranks, in place or returned) makes every rank's result the whole set's."""
+    world ...; all_reduce (returns the sum over ranks of a CPU tensor) makes every rank's result the whole
+    set's. Accuracies with no digit to count (the id set past the training lengths) are None."""
     out = {name: {} for name in sets}
     for T in depths:
         for name, (x, y) in sets.items():
@@ -148,8 +158,8 @@ def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world
             if all_reduce is not None:
                 both = all_reduce(torch.cat([counts.flatten(), sums]))
                 counts, sums = both[:counts.numel()].view_as(counts), both[counts.numel():]
-            acc = (counts[:, 0] / counts[:, 1]).tolist()
+            acc = [c / n if n else None for c, n in counts.tolist()]  # None, not NaN: log.jsonl stays strict JSON
+            nats, digits, rms_sum, residual_sum, rows = sums.tolist()
             out[name][T] = {"acc": {f"{lo}-{hi}": a for (lo, hi), a in zip(bucket_list, acc)}, "segment": acc[-1],
-                            "loss": (sums[0] / sums[1]).item(), "state_rms": (sums[2] / sums[4]).item(),
-                            "residual": (sums[3] / sums[4]).item()}
+                            "loss": nats / digits, "state_rms": rms_sum / rows, "residual": residual_sum / rows}
     return out

@@ -369,7 +369,7 @@ def test_text_too_short_to_train_on_is_refused_with_the_numbers(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         "error: too little text: the val split got 25 tokens, the train split 218; each needs 513, one micro-batch of "
         "config/tiny.py plus one (batch_size * block_size + 1 = 4 * 128 + 1) for train.py: give more text, or set "
-        "--min_tokens to your batch_size * block_size + 1")
+        "--min_tokens to your batch_size * block_size * processes + 1")
     assert not (tmp_path / "out").exists()  # no shards that train.py would refuse
     # small train shards: the smallest is named
     r = run_prepare(tmp_path, "--text=short.txt", "--out_dir=out", "--shard_size=100", "--min_tokens=20")

@@ -158,3 +158,20 @@ def test_runs_trained_on_another_data_dir_are_refused(tmp_path):
         json.dump({"returncode": 0, "seconds": 1.0, "data_dir": str(data)}, f)
     r = sweep_cli(f"--data_dir={data}", f"--out_dir={out}", "--variants=parcae", "--multipliers=1", "--summary_only=True")
     assert r.returncode == 0 and "| parcae | 1 | 4.5000 |" in r.stdout, r.stderr
+
+
+def test_parity_runs_made_with_other_task_args_are_refused(tmp_path, monkeypatch):
+    import sweep
+    for key, value in (("out_dir", str(tmp_path)), ("seeds", (1,)), ("study", "parity"), ("task_args", "")):
+        monkeypatch.setattr(sweep, key, value)
+    parity_run(tmp_path / "parcae_s1", 0.9, 300)
+    with open(tmp_path / "parcae_s1" / "status.json", "w") as f:
+        json.dump({"returncode": 0, "seconds": 300, "task_args": "--task_train_len=1,16"}, f)
+    sweep.check_trained_on([("gpt", 1.0, 1)])  # not there: nothing to check
+    try:
+        sweep.check_trained_on([("parcae", 1.0, 1)])
+        raise AssertionError("a run of another task was taken")
+    except ValueError as e:
+        assert "task_args '--task_train_len=1,16'" in str(e)
+    monkeypatch.setattr(sweep, "task_args", " --task_train_len=1,16")
+    sweep.check_trained_on([("parcae", 1.0, 1)])  # the same arguments

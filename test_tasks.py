@@ -49,7 +49,7 @@ def segments(row):
 # the generator ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mod", [2, 3, 10])
 def test_labels_are_the_running_sum_mod_m(mod):
-    x, y = tasks.train_batch(7, 0, 3, 16, 64, (1, 8), mod)
+    x, y = tasks.train_batch(7, 3, 16, 64, (1, 8), mod)
     assert x.shape == y.shape == (16, 64) and x.dtype == y.dtype == torch.int64
     for xr, yr in zip(x.tolist(), y.tolist()):
         assert xr[0] == BOS and xr[1] == SEP and yr[0] == yr[1] == -1
@@ -69,7 +69,7 @@ def test_labels_are_the_running_sum_mod_m(mod):
 
 
 def test_segment_lengths_and_layout():
-    x, _ = tasks.train_batch(1, 0, 0, 32, 64, (3, 6), 2)
+    x, _ = tasks.train_batch(1, 0, 32, 64, (3, 6), 2)
     for row in x.tolist():
         assert PAD not in row[:-1]  # a training row is filled to its end, or to one slot before it
         segs = segments(row)
@@ -89,10 +89,9 @@ def test_segment_lengths_and_layout():
 
 
 def test_same_seed_same_data():
-    a, b = tasks.train_batch(5, 1, 9, 8, 32, (1, 8), 2), tasks.train_batch(5, 1, 9, 8, 32, (1, 8), 2)
+    a, b = tasks.train_batch(5, 9, 8, 32, (1, 8), 2), tasks.train_batch(5, 9, 8, 32, (1, 8), 2)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-    for other in (tasks.train_batch(6, 1, 9, 8, 32, (1, 8), 2), tasks.train_batch(5, 0, 9, 8, 32, (1, 8), 2),
-                  tasks.train_batch(5, 1, 10, 8, 32, (1, 8), 2)):  # another seed, rank, batch
+    for other in (tasks.train_batch(6, 9, 8, 32, (1, 8), 2), tasks.train_batch(5, 10, 8, 32, (1, 8), 2)):  # seed, batch
         assert not torch.equal(a[0], other[0])
     s, t = tasks.eval_sets(0, 16, 32, (1, 8), (20, 30), 2), tasks.eval_sets(0, 16, 32, (1, 8), (20, 30), 2)
     assert all(torch.equal(s[k][i], t[k][i]) for k in s for i in (0, 1))
@@ -159,6 +158,9 @@ def test_a_model_that_reads_a_planted_label_scores_one_and_one_that_copies_is_at
     ("--task_long_len=9,30", "needs a row of 32 tokens"),
     ("--task_train_len=5,2", "task_train_len must be (shortest, longest)"),
     ("--vocab_size=64", "vocab_size follows the task"),
+    ("--seed=0", "seed=0 is task_eval_seed"),
+    ("--seed=-1", "seed must be an integer >= 0"),
+    ("--task_eval_rows=0", "task_eval_rows must be an integer >= 1"),
 ])
 def test_bad_task_settings_are_one_line_errors(tmp_path, arg, words):
     r = train(*SMALL, f"--out_dir={tmp_path}", arg, "--max_iters=1", check=False)
@@ -186,7 +188,9 @@ def test_a_task_run_logs_accuracy_by_depth_and_bucket(run):
         for res in last["task"][name].values():
             assert list(res["acc"]) == ["1-4", "5-6", "7-8", "9-12"]
             assert {"segment", "loss", "state_rms", "residual"} <= set(res)
-    assert last["task"]["id"]["3"]["acc"]["9-12"] != last["task"]["id"]["3"]["acc"]["9-12"]  # nan: id has no long ones
+    assert last["task"]["id"]["3"]["acc"]["9-12"] is None  # the id set has no digits that far: null, not NaN
+    with open(os.path.join(out, "log.jsonl")) as f:
+        assert not any("NaN" in line for line in f if '"task":' in line)  # strict JSON for any reader
     assert last["val"]["3"] == last["task"]["id"]["3"]["loss"]  # "val" is the id set's loss
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
     assert ckpt["model_args"]["vocab_size"] == 5 and ckpt["model_args"]["block_size"] == 24
@@ -199,6 +203,30 @@ def test_eval_only_on_a_task_checkpoint(run, tmp_path):
     for T in (1, 2, 8):
         assert f"  long  {T:>4} " in r.stdout and f"  id    {T:>4} " in r.stdout
     assert "chance 0.500" in r.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--task_mod=3"], "task_mod=3 needs vocab_size 6"),
+    (["--block_size=64", "--task_long_len=30,30"], "block_size <= 24"),
+    (["--task="], "trained on the 'parity' task, not token shards"),
+])
+def test_a_task_checkpoint_is_evaluated_on_its_own_task(run, tmp_path, args, words):
+    r = train(f"--out_dir={run[0]}", "--eval_only=True", *args, check=False)
+    assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_one_process_with_accumulation_sees_the_data_of_two(tmp_path):
+    # 1 process x 2 micro-batches and 2 processes x 1 draw the same global micro-batches 0 and 1
+    common = [*SMALL, "--max_iters=2", "--eval_interval=100", "--total_batch_size=384", "--depth_sampling=fixed",
+              "--state_init=zero"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train(*common, f"--out_dir={one}")
+    train(*common, f"--out_dir={two}",
+          launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    a, b = ([rec for rec in read_log(d) if "loss" in rec] for d in (one, two))
+    assert a[0]["loss"] == b[0]["loss"] and abs(a[0]["grad_norm"] / b[0]["grad_norm"] - 1) < 1e-5, (a, b)
+    for d in (one, two):
+        assert torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["data_pos"] == [4, 0]
 
 
 def test_resume_of_a_task_run_is_exact(tmp_path):

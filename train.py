@@ -145,9 +145,13 @@ if init_from == "resume" or eval_only:  # checked before anything else is loaded
     if not eval_only and ckpt["iter_num"] >= max_iters:
         raise SystemExit(f"error: {ckpt_path} is at iter {ckpt['iter_num']}, max_iters is {max_iters}: nothing to "
                          f"train; continue with --max_iters=N above {ckpt['iter_num']}, or evaluate with --eval_only=True")
+ckpt_task = None if ckpt is None else ckpt.get("config", {}).get("task", "")
+if ckpt_task is not None and task != ckpt_task:  # a text model's batch position is no task's, and vice versa
+    raise SystemExit(f"error: {ckpt_path} was trained on {f'the {ckpt_task!r} task' if ckpt_task else 'token shards'}, "
+                     f"not {f'the {task!r} task' if task else 'token shards'}: drop --task, or use another --out_dir")
 if task:  # checked here, after a checkpoint's settings: a resumed task run keeps its task
     try:
-        tasks.check(task, task_mod, task_train_len, task_long_len, block_size)
+        tasks.check(task, task_mod, task_train_len, task_long_len, block_size, seed, task_eval_rows, task_eval_seed)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
     if "vocab_size" in cli_keys and vocab_size != tasks.vocab_size(task_mod):
@@ -175,7 +179,8 @@ if compile is None:
     compile = device_type == "cuda"
 ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=getattr(torch, dtype))
 tokens_per_micro = batch_size * block_size * world
-if total_batch_size % tokens_per_micro and not eval_only:  # only training accumulates gradients  # name a value that works: the next multiple, or a smaller micro-batch
+if total_batch_size % tokens_per_micro and not eval_only:  # only training accumulates gradients
+    # name a value that works: the next multiple, or a smaller micro-batch
     fix = f"--total_batch_size={-(-total_batch_size // tokens_per_micro) * tokens_per_micro}"
     fix += next((f" or --batch_size={b}" for b in range(batch_size - 1, 0, -1)
                  if total_batch_size % (b * block_size * world) == 0), "")
@@ -234,15 +239,16 @@ else:
     if val_seqs == 0:
         raise SystemExit(f"error: the val shards in {data_dir} hold {len(val)} tokens, fewer than one batch of every "
                          f"rank needs, {smaller}")
-data_pos = [0, 0]  # (shard, offset) of the next global micro-batch; a task's: (micro-batch counter, 0)
+data_pos = [0, 0]  # (shard, offset) of the next global micro-batch; a task's: (global micro-batches drawn, 0)
+TASK_EVAL_BATCH = max(batch_size, 128)  # rows per forward in a task's evaluation: no gradient, so larger is cheaper
 
 
 def next_batch():
     """read_batch, with two checks: a token id past the embedding (an IndexError deep inside the model
     otherwise) and the data wrapping around to its start (from then on the model sees tokens again)."""
-    if task:  # batch i of rank r is a function of (seed, r, i): resuming at data_pos gives the same data
-        data_pos[0] += 1
-        return tasks.train_batch(seed, rank, data_pos[0] - 1, batch_size, block_size, task_train_len, task_mod)
+    if task:  # global micro-batch g is a function of (seed, g): the same data on any number of processes
+        data_pos[0] += world  # data_pos[0]: global micro-batches drawn so far, so a resume continues the stream
+        return tasks.train_batch(seed, data_pos[0] - world + rank, batch_size, block_size, task_train_len, task_mod)
     before = list(data_pos)
     x, y = read_batch(train_shards, data_pos, batch_size, block_size, rank, world)
     if data_pos == [0, world * batch_size * block_size] and before != [0, 0]:
@@ -265,6 +271,13 @@ try:
         iter_num, data_pos = ckpt.get("iter_num", 0), list(ckpt.get("data_pos", data_pos))
 except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint that does not fit this model.py
     raise SystemExit(f"error: {e}") from None
+if task and (model.config.vocab_size != tasks.vocab_size(task_mod) or block_size > model.config.block_size):
+    raise SystemExit(f"error: {ckpt_path} holds a model of vocab_size {model.config.vocab_size} and block_size "
+                     f"{model.config.block_size}; task_mod={task_mod} needs vocab_size {tasks.vocab_size(task_mod)} and "
+                     f"block_size={block_size} rows: keep the run's task_mod, and block_size <= {model.config.block_size}")
+if not task and block_size > model.config.block_size:
+    raise SystemExit(f"error: block_size={block_size} is longer than the model's {model.config.block_size}: "
+                     f"evaluate with --block_size={model.config.block_size} or less")
 model.to(device)
 raw_model = model
 optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
@@ -296,7 +309,7 @@ if not eval_loops:
 if not peak_flops and device_type == "cuda":
     peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
 if eval_only:  # what the numbers are of: the checkpoint, the depths and how much data
-    data = (f"{task_eval_rows} rows in each of the id and long sets, batches of {max(batch_size, 128)}" if task else
+    data = (f"{task_eval_rows} rows in each of the id and long sets, batches of {TASK_EVAL_BATCH}" if task else
             f"the first {val_seqs * block_size:,} val tokens in {data_dir}, batches of {batch_size}")
     log(f"evaluating {ckpt_path} at iter {iter_num}: {cfg.injection} model, {raw_model.get_num_params() / 1e6:.2f}M "
         f"unique parameters, loop depths {', '.join(map(str, eval_loops))}; {data}; {world} process(es), "
@@ -363,7 +376,7 @@ def evaluate():
 def evaluate_task():
     """tasks.evaluate on both eval sets at every depth in eval_loops, this rank's share, summed over ranks."""
     model.eval()
-    res = tasks.evaluate(raw_model, task_sets, eval_loops, task_buckets, max(batch_size, 128), device, ctx, rank, world,
+    res = tasks.evaluate(raw_model, task_sets, eval_loops, task_buckets, TASK_EVAL_BATCH, device, ctx, rank, world,
                          all_reduce=all_reduce_cpu if ddp else None)
     model.train()
     return res
@@ -384,7 +397,7 @@ def report_task_eval():
             f"  {'set':<5} {'T':>4} " + " ".join(f"{n:>6}" for n in names) + "  segment    loss  state rms  residual"]
     for name, by_T in res.items():
         for T, r in by_T.items():
-            accs = " ".join(f"{a:6.3f}" if a == a else f"{'-':>6}" for a in r["acc"].values())
+            accs = " ".join(f"{a:6.3f}" if a is not None else f"{'-':>6}" for a in r["acc"].values())
             rows.append(f"  {name:<5} {T:>4} {accs}  {r['segment']:7.3f}  {r['loss']:6.4f}  {r['state_rms']:9.3g}  "
                         f"{r['residual']:8.3g}")
     log("\n".join(rows))
