@@ -87,9 +87,17 @@ def unigram_loss(data_dir, val_tokens):
     return float(-logp[val].mean())
 
 
+def read_records(run_dir):
+    """The records of a run's log.jsonl; none if it died before writing one (its train.log says why)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 def train_losses(run_dir):
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        return [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    return [r["loss"] for r in read_records(run_dir) if "loss" in r]
 
 
 def reference_losses(run_dirs):
@@ -100,8 +108,7 @@ def reference_losses(run_dirs):
 
 def summarize(run_dir, unigram, reference):
     """One table row from a run's log.jsonl, train.log and status.json; reference from reference_losses."""
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
+    log = read_records(run_dir)
     with open(os.path.join(run_dir, "train.log")) as f:
         skipped = sum("step skipped" in line for line in f)
     with open(os.path.join(run_dir, "status.json")) as f:
@@ -188,8 +195,7 @@ def mean_sd(xs, spec=".3f"):
 
 def parity_final(run_dir):
     """The last task evaluation record of a parity run's log.jsonl, or None."""
-    with open(os.path.join(run_dir, "log.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "task" in r]
+    evals = [r for r in read_records(run_dir) if "task" in r]
     return evals[-1] if evals else None
 
 

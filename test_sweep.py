@@ -175,3 +175,15 @@ def test_parity_runs_made_with_other_task_args_are_refused(tmp_path, monkeypatch
         assert "task_args '--task_train_len=1,16'" in str(e)
     monkeypatch.setattr(sweep, "task_args", " --task_train_len=1,16")
     sweep.check_trained_on([("parcae", 1.0, 1)])  # the same arguments
+
+
+def test_a_run_that_died_before_logging_counts_as_failed(tmp_path):
+    run = tmp_path / "dead"
+    os.makedirs(run)
+    (run / "train.log").write_text("error: cannot load GPT-2's BPE\n")
+    with open(run / "status.json", "w") as f:
+        json.dump({"returncode": 1, "seconds": 5.0}, f)
+    ok = fake_run(tmp_path / "ok", [5.0] * 12, [0.4] * 12, [1.0] * 12, {"4": 4.5, "8": 4.4}, 0)
+    reference = reference_losses([str(run), ok])
+    r = summarize(str(run), 7.0, reference)
+    assert r["failed"] and r["steps"] == 0 and math.isnan(r["val_mu"])
