@@ -50,8 +50,6 @@ try:
     configure(globals(), argv)
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}")
-if compile is not None and type(compile) is not bool:  # its default is None: configure lets any type by
-    raise SystemExit(f"bench.py: config key 'compile' must be True, False or None (None: on for CUDA only), got {compile!r}")
 config_name = next((os.path.splitext(os.path.basename(a))[0] for a in argv if not a.startswith("--")), "defaults")
 try:
     device, device_type, dtype = check_device(device, dtype)

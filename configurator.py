@@ -73,7 +73,11 @@ def exit_on_help(path, argv, also=()):
 def _coerce(key, value, default):
     if type(default) is bool and type(value) is not bool:  # 1 == True, but --compile=1 is a guess, not a bool
         raise ValueError(f"config key {key!r} must be True or False, got {value!r}")
-    if default is None or type(value) is type(default):
+    if default is None:  # a None default is an optional switch (compile: None = decided by the device)
+        if value is not None and type(value) is not bool:
+            raise ValueError(f"config key {key!r} must be True, False or None, got {value!r}")
+        return value
+    if type(value) is type(default):
         return value
     if type(default) is float and type(value) is int:
         return float(value)

@@ -128,13 +128,18 @@ def summarize(run_dir, unigram, reference):
             "skipped": skipped, "spikes": spikes, "steps": len(steps), "failed": failed}
 
 
+def finished(run_dir):
+    """A run is finished once sweep.py has written its status.json (exit code and time)."""
+    return os.path.exists(os.path.join(run_dir, "status.json"))
+
+
 def run_name(name, mult, seed):
     return f"{name}_s{seed}" if study == "parity" else f"{name}_x{mult:g}_s{seed}"
 
 
 def start(name, mult, seed):
     run_dir = os.path.join(out_dir, run_name(name, mult, seed))
-    if os.path.exists(os.path.join(run_dir, "status.json")):
+    if finished(run_dir):
         return None  # finished earlier: reuse it
     os.makedirs(run_dir, exist_ok=True)
     for old in ("log.jsonl", "ckpt.pt"):  # a half-finished earlier attempt starts over
@@ -202,34 +207,32 @@ def parity_final(run_dir):
 def parity_tables(names):
     """Markdown tables of the parity runs in out_dir: the summary, then per variant every bucket by depth."""
     runs = {n: [os.path.join(out_dir, run_name(n, 1, s)) for s in seeds] for n in names}
-    runs = {n: [d for d in ds if os.path.exists(os.path.join(d, "status.json"))] for n, ds in runs.items()}
+    runs = {n: [d for d in ds if finished(d)] for n, ds in runs.items()}
     out = []
     info = {}
     for n, ds in runs.items():
-        finals, secs, steps, fails = [], [], [], 0
+        finals, secs, steps = [], [], []
         for d in ds:
             with open(os.path.join(d, "status.json")) as f:
                 st = json.load(f)
             rec = parity_final(d)
-            if st["returncode"] != 0 or rec is None:
-                fails += 1
+            if st["returncode"] != 0 or rec is None:  # counted in 'seeds ok' as one not ok
                 continue
             finals.append(rec)
             secs.append(st["seconds"])
             steps.append(rec["iter"])
-        info[n] = (finals, secs, steps, fails, len(ds))
-    some = next((f[0] for f, *_ in info.values() if f), None)
-    if some is None:
-        return "no finished parity runs in " + out_dir
+        info[n] = (finals, secs, steps, len(ds))
     every = [f for finals, *_ in info.values() for f in finals]  # runs may differ in eval_loops: take them all
+    if not every:
+        return "no finished parity runs in " + out_dir
     depths = sorted({T for f in every for T in f["task"]["long"]}, key=int)
     buckets = list(dict.fromkeys(b for f in every for r in f["task"]["long"].values() for b in r["acc"]))
     last = buckets[-1]
     head = ["variant", "seeds ok", "steps", "min/run", f"id {buckets[0]} at T=mu"] + [f"T={T}" for T in depths]
     out.append(f"Accuracy on the long set's digits at positions {last} by test-time depth T (chance "
-               f"{1 / some['mod']:.3f}), mean ± sd over seeds; 'id {buckets[0]}': the training lengths at the training depth")
+               f"{1 / every[0]['mod']:.3f}), mean ± sd over seeds; 'id {buckets[0]}': the training lengths at the training depth")
     out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for n, (finals, secs, steps, fails, total) in info.items():
+    for n, (finals, secs, steps, total) in info.items():
         if not finals:
             out.append(f"| {n} | 0/{total} | " + " | ".join(["-"] * (len(head) - 2)) + " |")
             continue
@@ -263,12 +266,12 @@ def stability_table(names, mults, unigram):
            f"{unigram:.3f} nats; mean ± sd over seeds"]
     head = ["variant", "lr x", "val T=mu", "val T=2mu", "max rho", "max state rms", "skipped", "spikes", "failed"]
     done = [os.path.join(out_dir, run_name(n, m, s)) for n in names for m in mults for s in seeds]
-    reference = reference_losses([d for d in done if os.path.exists(os.path.join(d, "status.json"))])
+    reference = reference_losses([d for d in done if finished(d)])
     out.append("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for name in names:
         for mult in mults:
             dirs = [os.path.join(out_dir, run_name(name, mult, s)) for s in seeds]
-            rs = [summarize(d, unigram, reference) for d in dirs if os.path.exists(os.path.join(d, "status.json"))]
+            rs = [summarize(d, unigram, reference) for d in dirs if finished(d)]
             if not rs:
                 out.append(f"| {name} | {mult:g} | not run |" + " |" * 6)
                 continue

@@ -136,7 +136,7 @@ def score(x, y, pred, bucket_list):
 @torch.no_grad()
 def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world=1, all_reduce=None):
     """{set: {T: result}} for each eval set (x, y) at each loop depth T: the loss on the labelled digits, the
-    accuracy per digit by position bucket (nan where a bucket holds none), whole segments right, and the loop
+    accuracy per digit by position bucket, whole segments right, and the loop
     state (RMS of h_T, last step's relative residual) averaged over rows. This rank takes chunks rank, rank +
     world ...; all_reduce (returns the sum over ranks of a CPU tensor) makes every rank's result the whole
     set's. Accuracies with no digit to count (the id set past the training lengths) are None."""
@@ -148,11 +148,10 @@ def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world
             for b in range(rank * chunk, len(x), world * chunk):
                 xb, yb = x[b:b + chunk].to(device), y[b:b + chunk].to(device)
                 with ctx:
-                    logits, _ = model(xb, yb, num_loops=T)
-                nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), yb.flatten(), ignore_index=-1,
-                                                        reduction="sum")
+                    logits, loss = model(xb, yb, num_loops=T)  # loss: the mean over this chunk's labelled digits
+                digits = (yb >= 0).sum().item()  # every eval row holds at least one digit
                 rms, residual = model.last_state
-                sums += torch.tensor([nll.item(), (yb >= 0).sum().item(), rms.double().sum().item(),
+                sums += torch.tensor([loss.item() * digits, digits, rms.double().sum().item(),
                                       residual.double().sum().item(), len(xb)], dtype=torch.float64)
                 counts += score(xb.cpu(), yb.cpu(), logits.argmax(-1).cpu(), bucket_list)
             if all_reduce is not None:
@@ -163,3 +162,15 @@ def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world
             out[name][T] = {"acc": {f"{lo}-{hi}": a for (lo, hi), a in zip(bucket_list, acc)}, "segment": acc[-1],
                             "loss": nats / digits, "state_rms": rms_sum / rows, "residual": residual_sum / rows}
     return out
+
+
+def table(results):
+    """evaluate()'s results as text: a row per set and depth, a column per bucket ('-' where it holds no digit)."""
+    names = list(next(iter(next(iter(results.values())).values()))["acc"])  # the bucket labels, "1-8" ...
+    rows = [f"  {'set':<5} {'T':>4} " + " ".join(f"{n:>6}" for n in names) + "  segment    loss  state rms  residual"]
+    for name, by_T in results.items():
+        for T, r in by_T.items():
+            accs = " ".join(f"{a:6.3f}" if a is not None else f"{'-':>6}" for a in r["acc"].values())
+            rows.append(f"  {name:<5} {T:>4} {accs}  {r['segment']:7.3f}  {r['loss']:6.4f}  {r['state_rms']:9.3g}  "
+                        f"{r['residual']:8.3g}")
+    return "\n".join(rows)

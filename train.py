@@ -109,8 +109,6 @@ except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
-if compile is not None and type(compile) is not bool:  # not `in (None, True, False)`: 1 == True would pass
-    raise SystemExit(f"error: config key 'compile' must be True, False or None (None: on for CUDA only), got {compile!r}")
 if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
 if not all(type(T) is int and T >= 1 for T in eval_loops):
@@ -121,8 +119,8 @@ for key in ("eval_interval", "log_interval", "max_iters", "batch_size", "block_s
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # where evaluations are recorded: an eval_only run's go to a file of their own, since a plot of log.jsonl would
 # take an evaluation of the final weights, made later and perhaps at other depths, for one made in training
-eval_only_path = os.path.join(out_dir, "eval_only.jsonl")
-record_path = eval_only_path if eval_only else os.path.join(out_dir, "log.jsonl")
+log_path, eval_only_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "eval_only.jsonl")
+record_path = eval_only_path if eval_only else log_path
 if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
     # a trained model is not replaced by accident: say the three ways on
     raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
@@ -373,15 +371,6 @@ def evaluate():
     return losses, bpbs, states
 
 
-def evaluate_task():
-    """tasks.evaluate on both eval sets at every depth in eval_loops, this rank's share, summed over ranks."""
-    model.eval()
-    res = tasks.evaluate(raw_model, task_sets, eval_loops, task_buckets, TASK_EVAL_BATCH, device, ctx, rank, world,
-                         all_reduce=all_reduce_cpu if ddp else None)
-    model.train()
-    return res
-
-
 def all_reduce_cpu(t):
     """Sum a CPU tensor over ranks (through the device: NCCL reduces only GPU tensors)."""
     t_dev = t.to(device)
@@ -390,17 +379,12 @@ def all_reduce_cpu(t):
 
 
 def report_task_eval():
-    res = evaluate_task()
-    names = [f"{lo}-{hi}" for lo, hi in task_buckets]
-    rows = [f"step {iter_num}, {task} mod {task_mod} (chance {1 / task_mod:.3f}): accuracy per labelled digit by its "
-            f"position in the segment, whole segments right, loss on the digits, loop state{written_to()}",
-            f"  {'set':<5} {'T':>4} " + " ".join(f"{n:>6}" for n in names) + "  segment    loss  state rms  residual"]
-    for name, by_T in res.items():
-        for T, r in by_T.items():
-            accs = " ".join(f"{a:6.3f}" if a is not None else f"{'-':>6}" for a in r["acc"].values())
-            rows.append(f"  {name:<5} {T:>4} {accs}  {r['segment']:7.3f}  {r['loss']:6.4f}  {r['state_rms']:9.3g}  "
-                        f"{r['residual']:8.3g}")
-    log("\n".join(rows))
+    model.eval()  # both eval sets at every depth in eval_loops, this rank's share summed over ranks
+    res = tasks.evaluate(raw_model, task_sets, eval_loops, task_buckets, TASK_EVAL_BATCH, device, ctx, rank, world,
+                         all_reduce=all_reduce_cpu if ddp else None)
+    model.train()
+    log(f"step {iter_num}, {task} mod {task_mod} (chance {1 / task_mod:.3f}): accuracy per labelled digit by its "
+        f"position in the segment, whole segments right, loss on the digits, loop state{written_to()}\n" + tasks.table(res))
     # "val" is the id set's loss, so every tool that reads val losses (sweep.py, the fit) reads this run too
     write_log({"iter": iter_num, "val": {T: r["loss"] for T, r in res["id"].items()},
                "val_state_rms": {T: r["state_rms"] for T, r in res["id"].items()},
@@ -470,7 +454,6 @@ def save_checkpoint():
     log(f"saved {ckpt_path} at iter {iter_num}")
 
 
-log_path = os.path.join(out_dir, "log.jsonl")
 if master:
     os.makedirs(out_dir, exist_ok=True)
     if init_from == "scratch" and not eval_only:
