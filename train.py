@@ -479,6 +479,7 @@ if eval_only:
                 " (z at the top of its search range: the loss settles within a step or two)" if z >= 9.9 else "")
         log(f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}{edge}")
     if ddp:
+        dist.barrier()  # no rank tears down gloo while another still works (rank 0 writes): that aborts at exit
         dist.destroy_process_group()
     sys.exit(0)
 
@@ -569,4 +570,5 @@ while True:
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
         loss_sum, loss_steps = torch.zeros((), device=device), 0
 if ddp:
+    dist.barrier()  # rank 0 may still be saving: tearing down under it aborts with SIGABRT
     dist.destroy_process_group()
