@@ -5,10 +5,16 @@ A looped transformer language model in one file.
     h = h0;  repeat T times: h = Core(Inject(h, e))    the SAME core weights every step (T: the loop depth)
     logits = RMSNorm(Coda(Out(h))) @ wte^T             run once; Out(h) = C h for "diagonal", h otherwise
 
-Three ways to inject the input e into the loop (GPTConfig.injection):
+Ways to inject the input e into the loop (GPTConfig.injection):
     "add"       naive addition            h + e                          (LoopLM-135M-naive)
     "concat"    concat + projection       W [h; e]                       (RDM / Huginn)
     "diagonal"  stable diagonal system    exp(-dt*A) * h + dt * (B e)    (Parcae)
+    "none"      no re-injection           h, starting from h0 = e        (Ouro: the whole stack looped)
+
+Ouro's learned exit (loop_norm, exit_gate): h_t = RMSNorm(Core(h_t-1)); every step t is read out,
+y_t = RMSNorm(Coda(h_t)), and a gate lambda_t = sigmoid(w . y_t + b) gives each token a distribution
+p(t) over the step it exits at (exit_distribution). Training: Stage I, the expected loss over p minus
+beta times its entropy (exit_objective); Stage II, the gate alone (gate_loss). decode.py exits per token.
 
 Everything an injection adds sits in six places: its parameters (GPT.__init__), their init
 (init_weights), inject(), Out before the coda (_coda, "diagonal" only), its rho (loop_stats) and its
@@ -28,6 +34,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import decode
+
 NORM_EPS = 1e-5
 QK_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 inputs CUDA autocast gives it (Parcae)
 
@@ -42,7 +50,7 @@ class GPTConfig:
     n_prelude: int = 2             # blocks run once before the loop
     n_core: int = 2                # blocks run T times inside the loop, shared weights
     n_coda: int = 2                # blocks run once after the loop
-    injection: str = "diagonal"    # "add" | "concat" | "diagonal", see the docstring
+    injection: str = "diagonal"    # "add" | "concat" | "diagonal" | "none", see the docstring
     prelude_norm: bool = True      # RMSNorm on the prelude output before it is injected
     mean_recurrence: int = 8       # mu_rec: mean loop depth in training, the depth at eval
     backprop_depth: int = 4        # mu_bwd: gradient flows through the last min(T, mu_bwd) steps
@@ -52,6 +60,8 @@ class GPTConfig:
     mlp: str = "relu2"             # "relu2" (ReLU², Parcae) | "swiglu" (SiLU-gated, three matrices, LoopLM)
     mlp_hidden: int = 0            # MLP hidden size; 0 = 4 * n_embd, allowed for relu2 only
     loop_checkpoint: bool = False  # recompute each gradient loop step in backward: memory flat in backprop_depth
+    loop_norm: bool = False        # RMSNorm after every loop step, its output the next step's input (Ouro)
+    exit_gate: bool = False        # Ouro's exit gate: every step is read out, lambda_t per token
 
     def __post_init__(self):
         def bad(field, why):
@@ -67,17 +77,19 @@ class GPTConfig:
             bad("n_embd", "head size n_embd // n_head must be even for rotary embeddings")
         if self.n_head % self.n_kv_head:
             bad("n_head", f"must be divisible by n_kv_head={self.n_kv_head}")
-        for f, allowed in (("injection", ("add", "concat", "diagonal")), ("state_init", ("random", "zero")),
+        for f, allowed in (("injection", ("add", "concat", "diagonal", "none")), ("state_init", ("random", "zero")),
                            ("depth_sampling", ("sequence", "batch", "fixed")), ("mlp", ("relu2", "swiglu"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"must be one of {allowed}")
         if self.mlp == "swiglu" and not self.mlp_hidden:  # 4d would be 1.5x relu2's MLP: ask for the size
             bad("mlp_hidden", "must be set (> 0) for mlp='swiglu'")
-        for f in ("prelude_norm", "loop_checkpoint"):
+        for f in ("prelude_norm", "loop_checkpoint", "loop_norm", "exit_gate"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be True or False")
         if not self.rope_base > 0:
             bad("rope_base", "must be > 0")
+        if self.exit_gate and self.depth_sampling != "fixed":  # p(t) is over steps 1..T_max of one depth
+            bad("depth_sampling", "must be 'fixed' with exit_gate=True: every row runs the same T_max steps")
 
 
 class RMSNorm(nn.Module):
@@ -96,28 +108,6 @@ def apply_rope(x, cos, sin):  # x (B, L, H, hd), cos/sin (L, hd/2); rotate-half 
     x1, x2 = x.to(dtype).chunk(2, dim=-1)
     cos, sin = cos[:, None, :].to(dtype), sin[:, None, :].to(dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
-
-
-class KVCache:
-    """Keys and values of past tokens for ONE attention application (a layer, or a core layer at one loop step)."""
-
-    def __init__(self):
-        self.k = self.v = None  # (B, n_kv_head, L, head_dim)
-        self.new = None         # the (k, v) of the latest call, for callers that keep them elsewhere
-
-    def __len__(self):
-        return 0 if self.k is None else self.k.size(2)
-
-    def __call__(self, k, v, store=True):
-        self.new = (k, v)
-        if self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        if store:
-            self.k, self.v = k, v
-        return k, v
-
-    def nbytes(self):
-        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
 
 
 class Attention(nn.Module):
@@ -197,6 +187,42 @@ def _telemetry(hT, h_prev, rms, residual):
     residual[:] = (step.norm(dim=-1) / hT.norm(dim=-1).clamp(min=1e-12)).mean(-1)
 
 
+# --- Ouro's exit distribution; lambda, ce (T, B, L) over the steps t = 1..T_max (README "Ouro") -----------
+def survival(lam):
+    """S_t = prod_{j<=t} (1 - lambda_j): the probability that a token has not exited by step t."""
+    return torch.cumprod(1 - lam, 0)
+
+
+def exit_distribution(lam):
+    """p(t) = lambda_t S_{t-1} for t < T_max, and p(T_max) = S_{T_max-1}: the last step takes what is left,
+    so p sums to 1 and lambda_{T_max} is never used."""
+    S_prev = torch.cat([torch.ones_like(lam[:1]), survival(lam[:-1])])  # S_0 .. S_{T_max-1}
+    return torch.cat([lam[:-1] * S_prev[:-1], S_prev[-1:]])
+
+
+def exit_objective(ce, lam, beta):
+    """Stage I, per token: sum_t p(t) CE_t - beta H(p). The entropy term keeps p from collapsing onto one step."""
+    p = exit_distribution(lam)
+    return (p * ce).sum(0) + beta * torch.xlogy(p, p).sum(0)
+
+
+def gate_loss(ce, lam):
+    """Stage II, per token: (1/T_max) sum_{t=2..T_max} BCE(1 - lambda_t, w_t). Continue (target w_t -> 1) where
+    step t still lowered the loss: I_t = max(0, CE_t-1 - CE_t), w_t = sigmoid(50 (I_t - 0.005)). ce is detached.
+    BCE written out (logs clamped at -100, as torch's): torch's refuses to run under autocast."""
+    w = torch.sigmoid(50 * ((ce[:-1] - ce[1:]).clamp(min=0) - 0.005))  # >= 0.4378: a stalled token's floor
+    go = 1 - lam[1:]
+    bce = -(w * go.log().clamp(min=-100) + (1 - w) * (1 - go).log().clamp(min=-100))
+    return bce.sum(0) / len(ce)
+
+
+def exit_summary(ce, lam, valid):
+    """Means over valid tokens (B, L): CE_t per step (T,), the entropy of p, and the mean exit step E[t]."""
+    p, t = exit_distribution(lam), torch.arange(1, len(lam) + 1, device=lam.device, dtype=lam.dtype)
+    per_token = torch.stack([*ce, -torch.xlogy(p, p).sum(0), (p * t[:, None, None]).sum(0)])[:, valid]
+    return per_token.mean(1)  # (T + 2,): CE_1 .. CE_T, H, E[t]
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -208,6 +234,9 @@ class GPT(nn.Module):
         self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.ln_f = RMSNorm(d)
+        self.ln_loop = RMSNorm(d) if cfg.loop_norm else None
+        if cfg.exit_gate:
+            self.exit_gate = nn.Linear(d, 1)  # lambda_t = sigmoid(w . y_t + b), the same for every step
         # the injection's own parameters (the docstring lists every place an injection adds code)
         if cfg.injection == "concat":
             self.W = nn.Linear(2 * d, d, bias=False)  # acts on [h ; e], state first
@@ -224,6 +253,7 @@ class GPT(nn.Module):
         self.last_depths = None  # (n, k) per sequence of the latest forward, for MFU and padded-work stats
         self.last_rows_run = 0   # row-steps the core actually ran in the latest forward (= sum of T_i)
         self.last_state = None   # per sequence (B,): RMS of h_T per token, and |h_T - h_T-1| / |h_T| per token
+        self.last_exit = None    # gated models, given targets: per token, CE_t and lambda_t (T, B, L), detached
         self.init_weights()
 
     @torch.no_grad()
@@ -235,8 +265,8 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)  # every block starts as the identity
             elif name == "B.weight":
                 p.copy_(torch.eye(d))
-            elif name == "A_log":
-                p.zero_()
+            elif name in ("A_log", "exit_gate.bias"):
+                p.zero_()  # the gate starts at lambda = 1/2 (a 1 like the gains would give 0.73)
             elif name == "dt_bias":
                 # softplus^-1(-ln sqrt(1/5)): decay exp(-dt) = sqrt(1/5) = 0.4472, dt = 0.8047
                 p.fill_(math.log(math.expm1(-math.log(math.sqrt(0.2)))))
@@ -278,12 +308,16 @@ class GPT(nn.Module):
         return x if self.ln_prelude is None else self.ln_prelude(x)
 
     def initial_state(self, e):
+        if self.config.injection == "none":
+            return e  # nothing is re-injected: the loop starts from the input itself
         if self.config.state_init == "random" and self.training:
             std = self.init_std
             return nn.init.trunc_normal_(torch.empty_like(e), 0.0, std, -3 * std, 3 * std)
         return torch.zeros_like(e)  # eval: the mean of that distribution, so eval is deterministic
 
     def inject(self, h, e):
+        if self.config.injection == "none":
+            return h
         if self.config.injection == "add":
             return h + e
         if self.config.injection == "concat":
@@ -297,7 +331,7 @@ class GPT(nn.Module):
         x = self.inject(h, e)
         for j, block in enumerate(self.core):
             x = block(x, cos, sin, None if caches is None else caches[j], store)
-        return x
+        return x if self.ln_loop is None else self.ln_loop(x)  # Ouro: the state is normed at every step
 
     def _coda(self, h, cos, sin, caches=None, store=True):
         y = self.C(h) if self.config.injection == "diagonal" else h  # Out(h)
@@ -309,7 +343,21 @@ class GPT(nn.Module):
         logits = F.linear(y, self.wte.weight)  # tied embedding
         return logits if logits.dtype == torch.float64 else logits.float()  # fp32 (fp64 kept for tests)
 
-    def _loop(self, h, e, cos, sin, n, k):
+    def lam(self, y):
+        """lambda_t (B, L): the exit gate's probability that a token leaves at this step, from the head's
+        input y_t (B, L, C). In fp32 even under autocast: the survival is a product of T_max of them."""
+        with torch.autocast(y.device.type, enabled=False):
+            return torch.sigmoid(self.exit_gate(y.to(self.exit_gate.weight.dtype)).squeeze(-1))  # fp32 weights
+
+    def _readout(self, h, cos, sin, targets, gate_only=False):
+        """Step t's prediction read off the state (Ouro): per-token CE_t and lambda_t (B, L). Called under a
+        checkpoint in training, so its B x L x V logits are not kept for backward. gate_only (Stage II):
+        no gradient reaches anything but the gate."""
+        y = self._coda(h, cos, sin)
+        ce = F.cross_entropy(self.head(y).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
+        return ce.view(targets.shape), self.lam(y.detach() if gate_only else y)
+
+    def _loop(self, h, e, cos, sin, n, k, readout=None):
         """The loop of the docstring, row i running T_i = n_i + k_i steps:
 
             for t in range(T_i):  h = core_step(h, e)
@@ -320,46 +368,67 @@ class GPT(nn.Module):
         2. per-row depth: rows come sorted deepest first and n, k grow with T, so in each phase the rows
            still running are a prefix h[:m] (active_prefixes); only those are computed;
         3. loop_checkpoint: a gradient step keeps only its input and is recomputed in backward.
-        At each row's last step, _telemetry records its state RMS and the step's relative size."""
+        At each row's last step, _telemetry records its state RMS and the step's relative size; readout
+        (Ouro's per-step predictions; every row at one depth then) gets the state after every step."""
         rms, residual = torch.zeros(2, len(h), device=h.device, dtype=torch.float32)
         for steps, with_grad in ((n, False), (k, True)):  # 1: the no-gradient phase, then the gradient phase
             grad = with_grad and torch.is_grad_enabled()  # no_grad() callers (eval) run both phases without
-            # gradient stops at the state entering the first gradient step; e gets it from every gradient step
-            h, inp = h.detach(), (e if grad else e.detach())
-            with torch.set_grad_enabled(grad):
-                for m, m_next in active_prefixes(steps):  # 2: rows [0, m) run this step, [m_next, m) finish
+            inp = e if grad else e.detach()  # e gets gradient from every gradient step, h from none before them
+            for m, m_next in active_prefixes(steps):  # 2: rows [0, m) run this step, [m_next, m) finish
+                with torch.set_grad_enabled(grad):  # the step only: a row that skips it keeps h0 = e's gradient
                     if grad and self.config.loop_checkpoint:  # 3
                         x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, use_reentrant=False,
                                        preserve_rng_state=False)  # the core draws no random numbers
                     else:
                         x = self.core_step(h[:m], inp[:m], cos, sin)
-                    if with_grad:  # every row ends in the gradient phase (k_i >= 1): its last step is here
-                        _telemetry(x[m_next:], h[m_next:m], rms[m_next:m], residual[m_next:m])
-                    h = x if m == len(h) else torch.cat([x, h[m:]])  # finished rows keep their state
-                    self.last_rows_run += m
+                if readout is not None:
+                    readout(x)
+                if with_grad:  # every row ends in the gradient phase (k_i >= 1): its last step is here
+                    _telemetry(x[m_next:], h[m_next:m], rms[m_next:m], residual[m_next:m])
+                h = x if m == len(h) else torch.cat([x, h[m:]])  # finished rows keep their state
+                self.last_rows_run += m
         return h, rms, residual
 
-    def forward(self, idx, targets=None, num_loops=None, h0=None):
+    def forward(self, idx, targets=None, num_loops=None, h0=None, exit_beta=0.0, train_gate=False):
+        """Logits and the last step's cross-entropy. A gated model given targets reads out every step too
+        (last_exit); its loss is then Stage I's objective if exit_beta > 0, Stage II's if train_gate."""
         B, L = idx.shape  # L tokens per row (T is the loop depth)
         if L > self.config.block_size:
             raise ValueError(f"sequence of length {L} is longer than block_size={self.config.block_size}")
         cos, sin = self.cos[:L], self.sin[:L]
         e = self._prelude(idx, cos, sin)  # (B, L, C) the input injected at every step
-        if h0 is None:  # a caller's h0 gets no gradient: it stops at the first gradient step's input
+        if h0 is None:
             h0 = self.initial_state(e)
         elif h0.shape != e.shape:
             raise ValueError(f"h0 has shape {tuple(h0.shape)}, expected {tuple(e.shape)}")
+        else:
+            h0 = h0.detach()  # a caller's h0 gets no gradient
         # the per-row schedule, once: n steps without gradient, then k with it, rows run deepest first
         n, k = self._depths(B, num_loops)
         self.last_depths, self.last_rows_run = (n, k), 0
         order = deepest_first(n + k)
+        per_step, readout = [], None  # a gated model's (CE_t, lambda_t) after every step t
+        if self.config.exit_gate and targets is not None:
+            if order is not None or (exit_beta and n.any()):
+                raise ValueError("an exit gate's objective needs every row at one depth, each step with gradient")
+
+            def readout(x):
+                args = (x, cos, sin, targets, train_gate)
+                per_step.append(checkpoint(self._readout, *args, use_reentrant=False) if x.requires_grad
+                                else self._readout(*args))
         if order is None:  # already sorted (eval: every row at the same depth)
-            h, rms, residual = self._loop(h0, e, cos, sin, n, k)
+            h, rms, residual = self._loop(h0, e, cos, sin, n, k, readout)
         else:
             o = (order.pin_memory() if e.is_cuda else order).to(e.device, non_blocking=True)  # no host sync
             back = o.argsort()  # the caller's row order again, before the coda
             h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order]))
         self.last_state = (rms, residual)
+        if per_step:
+            ce, lam = (torch.stack(t) for t in zip(*per_step))  # (T, B, L) each
+            self.last_exit = (ce.detach(), lam.detach())
+            if exit_beta or train_gate:  # mean over the tokens that have a target
+                obj = gate_loss(ce.detach(), lam) if train_gate else exit_objective(ce, lam, exit_beta)
+                return None, obj[targets != -1].mean()
         y = self._coda(h, cos, sin)  # (B, L, C)
         if targets is None:
             return self.head(y[:, [-1], :]), None  # (B, 1, V)
@@ -381,17 +450,18 @@ class GPT(nn.Module):
         k[i] with gradient (backward costs 2x forward). Attention counts the full L^2 (the usual
         convention, and what FlopCounterMode counts for SDPA's math and CUDA kernels). The forward runs
         exactly these steps (_loop); B copies of the maxima give what padded execution would cost.
-        seq_len is L, the tokens per row."""
+        seq_len is L, the tokens per row. A gated model (Ouro) reads out every step: coda and head T times."""
         cfg, d = self.config, self.config.n_embd
         kv_dim = cfg.n_kv_head * (d // cfg.n_head)
         mlp = (3 if cfg.mlp == "swiglu" else 2) * d * (cfg.mlp_hidden or 4 * d)  # gate, up, down
         block = 2 * (2 * d * d + 2 * d * kv_dim + mlp) + 4 * seq_len * d  # per token: q,o + k,v + MLP + attention
-        inject = {"add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B, every step
+        inject = {"none": 0, "add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B, every step
         C = 2 * d * d if cfg.injection == "diagonal" else 0  # output projection, once
-        once = (cfg.n_prelude + cfg.n_coda) * block + 2 * d * cfg.vocab_size + C
+        read = cfg.n_coda * block + 2 * d * cfg.vocab_size + C + (2 * d if cfg.exit_gate else 0)
+        once = cfg.n_prelude * block + (0 if cfg.exit_gate else read)
         f = 3 if backward else 1
         n, k = torch.as_tensor(n), torch.as_tensor(k)
-        step = cfg.n_core * block + inject
+        step = cfg.n_core * block + inject + (read if cfg.exit_gate else 0)
         return seq_len * (len(n) * f * once + step * (int(n.sum()) + f * int(k.sum())))
 
     def configure_optimizers(self, muon_lr, adam_lr, weight_decay, adam_betas, adam_eps):
@@ -413,7 +483,7 @@ class GPT(nn.Module):
         inj, d = self.config.injection, self.config.n_embd
         if self.config.mean_recurrence == 1 and self.config.depth_sampling == "fixed":
             return {}
-        if inj == "add":
+        if inj in ("add", "none"):
             return {"rho": 1.0}  # A-bar = I: on the stability boundary
         if inj == "concat":
             Wh = self.W.weight[:, :d].float()  # the part acting on the state
@@ -422,112 +492,14 @@ class GPT(nn.Module):
         decay = torch.exp(-F.softplus(self.dt_bias.float()) * self.A_log.float().exp())
         return {"rho": decay.max().item(), "mean_decay": decay.mean().item()}
 
-    # --- generation with a KV cache (README "Test-time compute") ----------------------------
+    # --- generation with a KV cache: decode.py (README "Test-time compute") ----------------
     def new_cache(self, num_loops, mode="full"):
-        """One KVCache per attention application: prelude layer, (loop step, core layer), coda layer.
-        mode="last" keeps one cache per core layer holding each past token's LAST loop step only."""
-        steps = num_loops if mode == "full" else 1
-        return {"pos": 0, "mode": mode,
-                "prelude": [KVCache() for _ in self.prelude],
-                "core": [[KVCache() for _ in self.core] for _ in range(steps)],
-                "coda": [KVCache() for _ in self.coda]}
+        return decode.new_cache(self, num_loops, mode)
 
-    @staticmethod
-    def cache_nbytes(cache):
-        caches = cache["prelude"] + cache["coda"] + [c for step in cache["core"] for c in step]
-        return sum(c.nbytes() for c in caches)
+    cache_nbytes = staticmethod(decode.cache_nbytes)
 
-    @torch.no_grad()
     def forward_cached(self, idx, cache, num_loops, exit_criterion="none", exit_threshold=0.0):
-        """Run the new tokens idx (B, L) after those in cache; return next-token logits (B, V) and
-        the loop steps each row used (B,). With L == 1 and an exit criterion, a row leaves the loop
-        as soon as the criterion falls under exit_threshold (RDM's adaptive compute)."""
-        B, L = idx.shape
-        pos, full = cache["pos"], cache["mode"] == "full"
-        if pos + L > self.config.block_size:
-            raise ValueError(f"cache of {pos} tokens + {L} new exceeds block_size={self.config.block_size}")
-        cos, sin = self.cos[pos:pos + L], self.sin[pos:pos + L]
-        e = self._prelude(idx, cos, sin, cache["prelude"])
-        h = self.initial_state(e)
-        adaptive = exit_criterion != "none" and L == 1
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        steps = torch.zeros(B, dtype=torch.long, device=idx.device)
-        pending = [None] * len(self.core)  # "last" mode: each row's K/V from its latest step
-        if adaptive and exit_criterion == "kl":
-            logp = F.log_softmax(self.head(self._coda(h, cos, sin, cache["coda"], False)), -1)
-        for r in range(num_loops):
-            caches = cache["core"][r if full else 0]
-            h_new = self.core_step(h, e, cos, sin, caches, store=full)
-            keep = done[:, None, None, None]  # rows that exited already
-            for j, c in enumerate(caches):
-                if full and adaptive and r > 0:  # an exited row's entry at this step is its latest real one
-                    prev = cache["core"][r - 1][j]
-                    c.k[:, :, -1:] = torch.where(keep, prev.k[:, :, -1:], c.k[:, :, -1:])
-                    c.v[:, :, -1:] = torch.where(keep, prev.v[:, :, -1:], c.v[:, :, -1:])
-                if not full:
-                    pending[j] = c.new if r == 0 else tuple(torch.where(keep, p, q) for p, q in zip(pending[j], c.new))
-            h_prev, h = h, torch.where(done[:, None, None], h, h_new)
-            steps += (~done).long()
-            if not adaptive:
-                continue
-            if exit_criterion == "kl":  # KL(p_{r-1} || p_r) of the next-token distributions
-                logp_prev = logp
-                logp = F.log_softmax(self.head(self._coda(h, cos, sin, cache["coda"], False)), -1)
-                crit = (logp_prev.exp() * (logp_prev - logp)).sum(-1).clamp(min=0)[:, -1]
-            elif exit_criterion == "latent":  # relative change of the state
-                crit = ((h - h_prev).norm(dim=-1) / (h.norm(dim=-1) + 1e-12))[:, -1]
-            else:
-                raise ValueError(f"exit_criterion must be none, kl or latent, got {exit_criterion!r}")
-            done |= crit < exit_threshold
-            if bool(done.all()):
-                if full:  # later tokens at steps > r read the latest entry these tokens have
-                    for later in cache["core"][r + 1:]:
-                        for c, c_r in zip(later, caches):
-                            c(c_r.k[:, :, -1:], c_r.v[:, :, -1:])
-                break
-        if not full:  # each token keeps only its last step's K/V
-            for c, (k, v) in zip(cache["core"][0], pending):
-                c(k, v)
-        cache["pos"] = pos + L
-        y = self._coda(h, cos, sin, cache["coda"])
-        return self.head(y[:, -1]), steps
+        return decode.forward_cached(self, idx, cache, num_loops, exit_criterion, exit_threshold)
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, num_loops=None, use_cache=True,
-                 cache="full", exit_criterion="none", exit_threshold=0.0, return_stats=False):
-        """Sample max_new_tokens after idx (B, L). temperature=0 is greedy. Prompt tokens run num_loops
-        steps; with an exit criterion each generated token may leave the loop earlier."""
-        num_loops = self.config.mean_recurrence if num_loops is None else num_loops
-        if num_loops < 1:
-            raise ValueError(f"num_loops must be >= 1, got {num_loops}")
-        if exit_criterion != "none" and not use_cache:
-            raise ValueError("adaptive exit needs use_cache=True")
-        if exit_criterion not in ("none", "kl", "latent"):
-            raise ValueError(f"exit_criterion must be none, kl or latent, got {exit_criterion!r}")
-        if cache not in ("full", "last"):
-            raise ValueError(f"cache must be 'full' or 'last', got {cache!r}")
-        kv, used = None, []
-        for _ in range(max_new_tokens):
-            if not use_cache:
-                logits = self(idx[:, -self.config.block_size:], num_loops=num_loops)[0][:, -1]
-            elif kv is None or idx.size(1) > self.config.block_size:
-                # (re)fill the cache with the whole context; past block_size this recomputes every token
-                kv = self.new_cache(num_loops, cache)
-                logits, _ = self.forward_cached(idx[:, -self.config.block_size:], kv, num_loops)
-            else:
-                logits, steps = self.forward_cached(idx[:, -1:], kv, num_loops, exit_criterion, exit_threshold)
-                used.append(steps)
-            if temperature == 0:
-                idx_next = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
-        if not return_stats:
-            return idx
-        stats = {"mean_steps": torch.stack(used).float().mean().item() if used else float(num_loops),
-                 "cache_bytes": self.cache_nbytes(kv) if kv is not None else 0}
-        return idx, stats
+    def generate(self, idx, max_new_tokens, **kwargs):  # temperature, top_k, num_loops, cache, exit_criterion ...
+        return decode.generate(self, idx, max_new_tokens, **kwargs)

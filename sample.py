@@ -6,6 +6,7 @@ Sample from a trained looped transformer (out_dir/ckpt.pt, written by train.py).
     python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --temperature=0 --max_new_tokens=50
     python sample.py --out_dir=out/tiny --cache=last                       # a smaller KV cache
     python sample.py --out_dir=out/tiny --exit_criterion=kl --exit_threshold=5e-4   # adaptive depth
+    python sample.py --out_dir=out/ouro_tiny --exit_criterion=gate --exit_threshold=0.5   # Ouro's Q-exit
 
 num_loops is the test-time depth: how many times the shared core runs per token (0 = the
 depth the model was trained at, its mean_recurrence). With an exit criterion each generated
@@ -44,8 +45,9 @@ dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 el
 num_loops = 0                    # test-time loop depth; 0 = the checkpoint's mean_recurrence
 use_cache = True                 # KV cache; False recomputes the whole context for every token
 cache = "full"                   # "full": K/V of every loop step; "last": only each past token's last step
-exit_criterion = "none"          # "none", "kl" (KL between consecutive steps' predictions) or "latent" (state change)
-exit_threshold = 5e-4            # leave the loop once the criterion is below this (RDM: 5e-4 for kl; ~0.03 for latent)
+exit_criterion = "none"          # "none", "kl" (KL between consecutive steps' predictions), "latent" (state change), "gate" (Ouro)
+exit_threshold = 5e-4            # leave once kl or latent is below this (RDM: 5e-4 for kl; ~0.03 for latent), or once the
+                                 # exit gate's CDF 1 - S_t reaches it (gate: q in [0, 1]; 0 = after one step)
 compile = False                  # torch.compile each block (first tokens are slow while it compiles)
 # -----------------------------------------------------------------------------
 try:
@@ -58,8 +60,10 @@ for ok, why in ((num_samples >= 1, f"num_samples must be >= 1, got {num_samples}
                 (top_k >= 0, f"top_k must be >= 0, got {top_k}"),
                 (num_loops >= 0, f"num_loops must be >= 0 (0 = the checkpoint's depth), got {num_loops}"),
                 (cache in ("full", "last"), f"cache must be 'full' or 'last', got {cache!r}"),
-                (exit_criterion in ("none", "kl", "latent"),
-                 f"exit_criterion must be 'none', 'kl' or 'latent', got {exit_criterion!r}"),
+                (exit_criterion in ("none", "kl", "latent", "gate"),
+                 f"exit_criterion must be 'none', 'kl', 'latent' or 'gate', got {exit_criterion!r}"),
+                (exit_criterion != "gate" or 0 <= exit_threshold <= 1,
+                 f"exit_threshold is a probability q in [0, 1] for exit_criterion=gate, got {exit_threshold}"),
                 (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True")):
     if not ok:
         raise SystemExit(f"error: {why}")
@@ -78,6 +82,9 @@ try:
     model = model_from_checkpoint(load_checkpoint(ckpt_path, text=True), ckpt_path)
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
+if exit_criterion == "gate" and not model.config.exit_gate:
+    raise SystemExit(f"error: exit_criterion=gate needs a model with an exit gate; {ckpt_path} has none (exit_gate=False): "
+                     f"use kl or latent")
 model.eval()
 model.to(device)
 if compile:
@@ -101,7 +108,7 @@ if len(ids) > block_size:
 x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
 
 
-def decode(tokens):
+def detokenize(tokens):
     """GPT-2 text of the tokens; ids past the tokenizer's vocabulary become U+FFFD."""
     pieces = (enc.decode_single_token_bytes(t) if t < enc.n_vocab else "\ufffd".encode() for t in tokens)
     return b"".join(pieces).decode("utf-8", errors="replace")
@@ -113,7 +120,7 @@ for _ in range(num_samples):
                                   num_loops=depth, use_cache=use_cache, cache=cache,
                                   exit_criterion=exit_criterion, exit_threshold=exit_threshold,
                                   return_stats=True)
-    print(decode(y[0].tolist()))
+    print(detokenize(y[0].tolist()))
     kv = (f"kv cache {stats['cache_bytes']:,} bytes ({stats['cache_bytes'] / 2**20:.2f} MiB, {cache})"
           if use_cache else "kv cache off")
     print(f"[loop depth {depth}, mean loop steps per generated token {stats['mean_steps']:.2f}, {kv}]")

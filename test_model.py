@@ -514,3 +514,228 @@ def test_too_long_sequence_raises():
         model(torch.zeros(1, 33, dtype=torch.long))
     with pytest.raises(ValueError, match="num_loops"):
         model(torch.zeros(1, 8, dtype=torch.long), num_loops=0)
+
+
+# 9. Ouro: the whole stack looped, a learned exit --------------------------------------------------------
+from model import exit_distribution, exit_objective, gate_loss, survival  # noqa: E402
+
+
+def ouro(**kw):
+    args = dict(injection="none", prelude_norm=False, n_prelude=0, n_core=2, n_coda=0, loop_norm=True, exit_gate=True,
+                depth_sampling="fixed", mean_recurrence=4, backprop_depth=4)
+    args.update(kw)
+    return tiny(**args)
+
+
+def test_exit_distribution_check_values():
+    lam = torch.full((4, 1, 1), 0.5, dtype=torch.float64)
+    p = exit_distribution(lam)
+    assert torch.allclose(p.flatten(), torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64))
+    assert -torch.xlogy(p, p).sum().item() == pytest.approx(1.2130, abs=5e-5)
+    assert (p.flatten() * torch.arange(1, 5)).sum().item() == pytest.approx(1.875)
+    lam2 = lam.clone()
+    lam2[-1] = 0.93  # lambda_{T_max} is never used
+    assert torch.equal(exit_distribution(lam2), p)
+    lam = torch.rand(6, 3, 5, dtype=torch.float64)
+    p = exit_distribution(lam)
+    assert (p >= 0).all() and torch.allclose(p.sum(0), torch.ones(3, 5, dtype=torch.float64))
+    assert torch.allclose(survival(lam)[2], (1 - lam[0]) * (1 - lam[1]) * (1 - lam[2]))
+
+
+def by_hand(model, idx, targets, beta):
+    """Stage I's loss written out for n_prelude = n_coda = 0: h_t = N(Core(h_t-1)), y_t = ln_f(h_t)."""
+    h, ces, lams = model.wte(idx), [], []
+    cos, sin = model.cos[:idx.size(1)], model.sin[:idx.size(1)]
+    for t in range(model.config.mean_recurrence):
+        for block in model.core:
+            h = block(h, cos, sin)
+        h = model.ln_loop(h)
+        y = model.ln_f(h)
+        ces.append(F.cross_entropy((y @ model.wte.weight.T).transpose(1, 2), targets, ignore_index=-1, reduction="none"))
+        lams.append(torch.sigmoid(y @ model.exit_gate.weight[0] + model.exit_gate.bias[0]))
+    total, count = 0.0, 0
+    T = len(ces)
+    for b in range(idx.size(0)):
+        for i in range(idx.size(1)):
+            if targets[b, i] < 0:
+                continue
+            S, expected, H = 1.0, 0.0, 0.0
+            for t in range(T):
+                p = lams[t][b, i] * S if t < T - 1 else S
+                S = S * (1 - lams[t][b, i])
+                expected, H = expected + p * ces[t][b, i], H - p * torch.log(p)
+            total, count = total + expected - beta * H, count + 1
+    return total / count
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_stage_one_objective_equals_a_hand_computation(beta):
+    model = randomized(ouro(), dtype=torch.float64).train()
+    with torch.no_grad():
+        model.exit_gate.weight.normal_(0, 1.0)  # lambda far from 1/2, different per token and step
+    idx, targets = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    targets[0, :4] = -1  # masked targets count nowhere
+    want = by_hand(model, idx, targets, beta)
+    if beta == 0:  # the objective at beta = 0 is the expected cross-entropy
+        model(idx, targets, num_loops=4)
+        ce, lam = model.last_exit
+        got0 = exit_objective(ce, lam, 0.0)[targets != -1].mean()
+        assert torch.allclose(got0, (exit_distribution(lam) * ce).sum(0)[targets != -1].mean())
+        assert torch.allclose(got0, want, atol=1e-10)
+        return
+    _, loss = model(idx, targets, exit_beta=beta)
+    assert torch.allclose(loss, want, atol=1e-10), (loss.item(), want.item())
+    loss.backward()
+    for name in ("exit_gate.weight", "exit_gate.bias", "core.0.attn.q.weight", "core.1.mlp.up.weight", "wte.weight"):
+        g = dict(model.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+
+
+def test_none_injection_at_one_step_is_a_plain_stack():
+    model = randomized(ouro(loop_norm=False, exit_gate=False, mean_recurrence=1, backprop_depth=1)).train()
+    idx = torch.randint(0, 64, (2, 10))
+    x = model.wte(idx)
+    for block in model.core:
+        x = block(x, model.cos[:10], model.sin[:10])
+    want = model.ln_f(x) @ model.wte.weight.T
+    logits, _ = model(idx, torch.zeros_like(idx))
+    assert torch.allclose(logits, want, atol=1e-5)
+    assert GPT(ouro()).loop_stats() == {"rho": 1.0}  # A-bar = I, as for naive addition
+
+
+def test_loop_norm_keeps_the_state_at_the_gains_level():
+    model = randomized(ouro()).eval()
+    with torch.no_grad():
+        model.ln_loop.weight.fill_(2.5)
+    idx = torch.randint(0, 64, (2, 12))
+    for T in range(1, 2 * model.config.mean_recurrence + 1):
+        model(idx, num_loops=T)
+        assert torch.allclose(model.last_state[0], torch.full((2,), 2.5), rtol=1e-3), T
+    plain = randomized(ouro(loop_norm=False)).eval()  # without it the state grows with depth
+    plain(idx, num_loops=8)
+    rms8 = plain.last_state[0].mean()
+    plain(idx, num_loops=1)
+    assert rms8 > 1.5 * plain.last_state[0].mean()
+
+
+def test_gate_starts_at_zero_bias_and_goes_to_adamw():
+    model = GPT(ouro())
+    assert model.exit_gate.bias.item() == 0.0 and model.exit_gate.weight.abs().max() > 0
+    muon, adamw = model.configure_optimizers(0.02, 8e-3, 0.0, (0.8, 0.95), 1e-10)
+    ids = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert id(model.exit_gate.weight) in ids and id(model.exit_gate.bias) in ids
+
+
+def test_exit_gate_needs_fixed_depth():
+    with pytest.raises(ValueError, match="depth_sampling"):
+        ouro(depth_sampling="sequence")
+
+
+def test_stage_two_target_floor_and_torch_reference():
+    T = 4
+    ce = torch.rand(T, 3, 5, dtype=torch.float64) * 3
+    ce[:, 0] = 2.0  # a stalled row: I_t = 0 at every step
+    lam = torch.rand(T, 3, 5, dtype=torch.float64).clamp(0.01, 0.99).requires_grad_()
+    w = torch.sigmoid(50 * ((ce[:-1] - ce[1:]).clamp(min=0) - 0.005))
+    want = F.binary_cross_entropy(1 - lam[1:], w, reduction="none").sum(0) / T  # the paper's 1/T_max
+    assert torch.allclose(gate_loss(ce, lam), want)
+    assert w[:, 0].unique().item() == pytest.approx(0.4378, abs=5e-5)
+    # the floor: a stalled token's loss is least where its exit probability lambda is 1 - 0.4378 = 0.562
+    grid = torch.linspace(0.01, 0.99, 9801, dtype=torch.float64)
+    lam_s = grid.view(1, -1, 1).expand(T, -1, 1)
+    best = grid[gate_loss(torch.full((T, 9801, 1), 2.0, dtype=torch.float64), lam_s).flatten().argmin()]
+    assert best.item() == pytest.approx(0.562, abs=2e-4)
+
+
+def test_stage_two_gradient_reaches_the_gate_only():
+    model = randomized(ouro()).train()
+    idx, targets = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    _, loss = model(idx, targets, train_gate=True)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name.startswith("exit_gate."):
+            assert p.grad is not None and p.grad.abs().sum() > 0
+        else:
+            assert p.grad is None or not p.grad.any(), name
+
+
+def gated_for_decoding(seed=0):
+    model = randomized(ouro(block_size=40, mean_recurrence=4), seed=seed, dtype=torch.float64).eval()
+    with torch.no_grad():
+        model.exit_gate.weight.normal_(0, 1.0)  # lambda from near 0 to near 1 by token, never exactly 1
+    return model
+
+
+def test_q_exit_step_equals_the_gates_cdf_by_hand():
+    model = gated_for_decoding()
+    idx = torch.randint(0, 64, (6, 8))
+    model(idx, torch.zeros_like(idx), num_loops=6)  # every step run: lambda_t of the last token of each row
+    S = survival(model.last_exit[1][:, :, -1])  # (6 steps, 6 rows)
+    for q in (0.3, 0.6, 0.9):
+        cache = model.new_cache(6)
+        model.forward_cached(idx[:, :-1], cache, 6)
+        _, steps = model.forward_cached(idx[:, -1:], cache, 6, "gate", q)
+        hit = torch.cat([1 - S[:-1] >= q, torch.ones(1, 6, dtype=torch.bool)])
+        assert steps.tolist() == (hit.int().argmax(0) + 1).tolist(), q
+
+
+def test_q_exit_is_per_row_and_does_not_decrease_in_q():
+    model = gated_for_decoding()
+    prompts = torch.randint(0, 64, (4, 6))
+    for cache in ("full", "last"):
+        used = {}
+        for q in (0.0, 0.3, 0.6, 0.9, 1.0):
+            out_b, steps_b = decode_steps(model, prompts, q, cache)
+            for i in range(len(prompts)):  # alone: the same tokens and the same exit steps
+                out_i, steps_i = decode_steps(model, prompts[i:i + 1], q, cache)
+                assert torch.equal(out_i[0], out_b[i]) and torch.equal(steps_i[:, 0], steps_b[:, i]), (cache, q, i)
+            used[q] = steps_b
+        assert (used[0.0] == 1).all() and (used[1.0] == 4).all()
+        assert used[0.3].float().std() > 0  # rows of different lambda really exit at different steps
+    # one new token after the same context: its exit step does not decrease as q grows
+    idx, steps = torch.randint(0, 64, (8, 7)), []
+    for q in torch.linspace(0, 1, 21).tolist():
+        kv = model.new_cache(4)
+        model.forward_cached(idx[:, :-1], kv, 4)
+        steps.append(model.forward_cached(idx[:, -1:], kv, 4, "gate", q)[1])
+    steps = torch.stack(steps)
+    assert (steps[1:] >= steps[:-1]).all() and len(steps.unique()) == 4
+
+
+def decode_steps(model, prompt, q, cache, n=8):
+    """Greedy decoding with Q-exit; the tokens and each generated token's exit step per row (n, B)."""
+    kv, steps = model.new_cache(4, cache), []
+    logits, _ = model.forward_cached(prompt, kv, 4)
+    idx = prompt
+    for _ in range(n):
+        nxt = logits.argmax(-1, keepdim=True)
+        idx = torch.cat([idx, nxt], 1)
+        logits, s = model.forward_cached(nxt, kv, 4, "gate", q)
+        steps.append(s)
+    return idx, torch.stack(steps)
+
+
+def test_q_exit_at_one_is_generation_without_exit():
+    model = gated_for_decoding(seed=3)
+    prompt = torch.randint(0, 64, (3, 5))
+    ref = model.generate(prompt, 10, temperature=0, num_loops=4, use_cache=False)
+    out, stats = model.generate(prompt, 10, temperature=0, num_loops=4, exit_criterion="gate", exit_threshold=1.0,
+                                return_stats=True)
+    assert torch.equal(out, ref) and stats["mean_steps"] == 4
+    with pytest.raises(ValueError, match="exit gate"):
+        GPT(tiny()).eval().generate(prompt, 2, exit_criterion="gate", exit_threshold=0.5)
+
+
+def test_none_injection_input_gets_gradient_only_through_gradient_steps():
+    # with no re-injection e enters through h0 alone: a row with no step before its gradient steps (n = 0)
+    # passes gradient to the prelude; a row whose first steps ran without gradient passes none
+    model = randomized(ouro(n_prelude=1, exit_gate=False, depth_sampling="sequence", backprop_depth=2)).train()
+    idx = torch.randint(0, 64, (2, 8))
+    for row, want in ((0, True), (1, False)):
+        model.zero_grad()
+        targets = torch.full_like(idx, -1)
+        targets[row] = idx[row]
+        _, loss = model(idx, targets, num_loops=torch.tensor([2, 5]))  # row 0: n = 0; row 1: n = 3
+        loss.backward()
+        g = model.prelude[0].attn.q.weight.grad
+        assert (g is not None and g.abs().sum() > 0) == want, row

@@ -492,3 +492,61 @@ def test_log_has_loop_telemetry(tmp_path, data):
     r = train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=1", "--eval_interval=100",
               "--injection=add", "--mean_recurrence=1", "--backprop_depth=1", "--eval_loops=1")
     assert "no loop, state rms" in r.stdout and "rho" not in [r for r in read_log(out) if "loss" in r][0]
+
+
+# Ouro's two stages (README "Ouro") ------------------------------------------------------------------
+OURO = [a for a in TINY if not a.startswith(("--n_prelude", "--n_coda", "--backprop_depth"))] + [
+    "--injection=none", "--prelude_norm=False", "--n_prelude=0", "--n_coda=0", "--loop_norm=True", "--exit_gate=True",
+    "--backprop_depth=3", "--exit_beta=0.1"]
+
+
+def test_ouro_stage_one_then_stage_two_then_q_exit(tmp_path, data):
+    out = str(tmp_path)
+    r = train(*OURO, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=3", "--eval_interval=3", "--eval_loops=1,2")
+    assert "CE by step" in r.stdout and "Q-exit, all 3 steps run" in r.stdout
+    log = read_log(out)
+    step = next(x for x in log if "loss" in x)
+    assert len(step["ce_steps"]) == 3 and 0 < step["exit_entropy"] <= math.log(3) + 1e-6 and 1 <= step["exit_step"] <= 3
+    ev = [x for x in log if "val" in x][-1]
+    assert sorted(ev["val"]) == ["1", "2", "3"]  # T_max added: the Q-exit table is read there
+    assert set(ev["val_q_exit"]) == {"0.25", "0.5", "0.75", "0.9"}
+    steps = [ev["val_q_exit"][q]["steps"] for q in ("0.25", "0.5", "0.75", "0.9")]
+    assert steps == sorted(steps) and 1 <= steps[0] and steps[-1] <= 3
+    before = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["model"]
+    # Stage II: the gate alone, with a new AdamW; every other weight bit-identical after real steps
+    r = train(f"--out_dir={out}", "--init_from=resume", "--train_gate=True", "--max_iters=6")
+    assert "gate loss" in r.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    after = ckpt["model"]
+    assert ckpt["iter_num"] == 6 and ckpt["gate_start"] == 3 and len(ckpt["optimizer"]) == 1
+    for name, t in before.items():
+        assert torch.equal(t, after[name]) != name.startswith("exit_gate."), name
+    assert [x["iter"] for x in read_log(out) if "loss" in x][-3:] == [4, 5, 6]
+    r = train(f"--out_dir={out}", "--init_from=resume", "--max_iters=7")  # Stage II continues as Stage II
+    assert "gate loss" in r.stdout
+    r = train(f"--out_dir={out}", "--init_from=resume", "--train_gate=False", "--max_iters=8", check=False)
+    assert r.returncode != 0 and "Stage II run" in r.stderr and "Traceback" not in r.stderr
+    s = subprocess.run([sys.executable, "sample.py", f"--out_dir={out}", "--exit_criterion=gate", "--exit_threshold=0.5",
+                        "--num_samples=1", "--max_new_tokens=5", "--device=cpu"], cwd=ROOT, env=ENV, capture_output=True,
+                       text=True, timeout=120)
+    assert s.returncode == 0 and "mean loop steps per generated token" in s.stdout, s.stderr
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--exit_beta=0.1", "--exit_gate=False"], "set exit_gate=True"),
+    (["--exit_beta=0.0"], "otherwise it stays at its init"),
+    (["--backprop_depth=2"], "backprop_depth >= mean_recurrence"),
+    (["--train_gate=True"], "--init_from=resume"),
+    (["--exit_beta=-1.0"], "exit_beta must be >= 0"),
+    (["--depth_sampling=sequence"], "depth_sampling"),
+])
+def test_ouro_settings_that_cannot_work_are_one_line_errors(tmp_path, data, args, words):
+    r = train(*OURO, *args, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=1", check=False)
+    assert r.returncode != 0 and words in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_stage_two_needs_a_gated_checkpoint(tmp_path, trained):
+    args, out = trained
+    shutil.copytree(out, tmp_path, dirs_exist_ok=True)
+    r = train(f"--out_dir={tmp_path}", "--init_from=resume", "--train_gate=True", "--max_iters=4", check=False)
+    assert r.returncode != 0 and "has none (exit_gate=False)" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -17,6 +17,9 @@ Settings below can be overridden by a config file and then by --key=value:
     python train.py config/tiny.py --overwrite=True             # start over where a checkpoint exists
     python train.py --help                                      # every setting, its default and what it does
     python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
+Ouro's two stages (README "Ouro"): Stage I trains everything on the exit objective, Stage II the gate alone:
+    python train.py config/ouro_tiny.py
+    python train.py config/ouro_tiny.py --init_from=resume --train_gate=True --max_iters=400
 Training appends its records to out_dir/log.jsonl; an --eval_only=True run appends to out_dir/eval_only.jsonl.
 """
 import sys
@@ -40,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
 import tasks
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, exit_summary, survival
 from prepare_fineweb import open_shard, read_batch, token_byte_lengths
 
 # -----------------------------------------------------------------------------
@@ -73,7 +76,7 @@ n_kv_head = 12                   # key/value heads (grouped-query attention; div
 n_prelude = 2                    # blocks run once before the loop
 n_core = 2                       # blocks in the loop, the same weights at every step
 n_coda = 2                       # blocks run once after the loop
-injection = "diagonal"           # how the input enters the loop: "add" (naive), "concat" (RDM), "diagonal" (Parcae)
+injection = "diagonal"           # how the input enters the loop: "add" (naive), "concat" (RDM), "diagonal" (Parcae), "none" (Ouro)
 prelude_norm = True              # RMSNorm the prelude output before injecting it (Parcae)
 mean_recurrence = 8              # mean loop depth T in training; the depth of eval and sampling
 backprop_depth = 4               # backpropagate through the last this many loop steps
@@ -83,6 +86,12 @@ rope_base = 10000.0              # rotary embedding base
 mlp = "relu2"                    # "relu2" | "swiglu" (LoopLM's)
 mlp_hidden = 0                   # MLP hidden size; 0 = 4 * n_embd (relu2 only)
 loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
+loop_norm = False                # RMSNorm after every loop step (Ouro)
+exit_gate = False                # Ouro's learned exit: every step read out, a gate lambda_t per token
+# Ouro's two training stages (README "Ouro")
+exit_beta = 0.0                  # Stage I: loss = E_p[CE_t] - exit_beta * H(p) over the exit distribution; 0 = off
+train_gate = False               # Stage II: train the exit gate alone (a new AdamW), every other weight frozen
+exit_thresholds = (0.25, 0.5, 0.75, 0.9)  # q values of the Q-exit table every evaluation of a gated model prints
 # optimizer: Muon for block matrices, AdamW for the rest (Parcae's recipe, README "Full scale")
 max_iters = 5000                 # optimizer steps; the run ends by checkpointing exactly this state
 muon_lr = 0.02                   # Muon, for the matrices inside blocks
@@ -156,6 +165,22 @@ if task:  # checked here, after a checkpoint's settings: a resumed task run keep
         raise SystemExit(f"error: vocab_size follows the task: task_mod={task_mod} needs {tasks.vocab_size(task_mod)} "
                          f"tokens (PAD, BOS, SEP and {task_mod} digits), got --vocab_size={vocab_size}")
     vocab_size = settings["vocab_size"] = tasks.vocab_size(task_mod)
+if not eval_only:  # Ouro's stages: what each needs, said before anything is built
+    why = next((w for bad, w in (
+        (exit_beta < 0, f"exit_beta must be >= 0, got {exit_beta}"),
+        (exit_beta > 0 and not exit_gate, "exit_beta > 0 (Stage I) trains an exit gate: set exit_gate=True"),
+        (exit_beta > 0 and backprop_depth < mean_recurrence,
+         f"Stage I (exit_beta > 0) backpropagates through every step: set backprop_depth >= mean_recurrence "
+         f"= {mean_recurrence}, got {backprop_depth}"),
+        (exit_gate and exit_beta == 0 and not train_gate,
+         "exit_gate=True: train the gate with Stage I (exit_beta > 0, e.g. 0.1) or, from a Stage I checkpoint, "
+         "Stage II (--train_gate=True); otherwise it stays at its init"),
+        (train_gate and init_from != "resume", "train_gate=True (Stage II) continues a Stage I run: add "
+         "--init_from=resume and --out_dir of that run"),
+        (not all(type(q) in (int, float) and 0 <= q <= 1 for q in exit_thresholds),
+         f"exit_thresholds must be values q in [0, 1], got {exit_thresholds!r}")) if bad), None)
+    if why:
+        raise SystemExit(f"error: {why}")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 
 # distributed setup: one process per device, launched by torchrun
@@ -278,11 +303,26 @@ if not task and block_size > model.config.block_size:
                      f"evaluate with --block_size={model.config.block_size} or less")
 model.to(device)
 raw_model = model
-optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
+gate_start = 0  # the iter Stage II began at: its lr schedule runs from there to max_iters
+if train_gate and not eval_only:
+    if not model.config.exit_gate:
+        raise SystemExit(f"error: train_gate=True trains an exit gate; the model in {ckpt_path} has none (exit_gate=False)")
+    ckpt_gate = ckpt.get("config", {}).get("train_gate", False)  # resuming Stage II itself, or starting it
+    gate_start = ckpt.get("gate_start", iter_num) if ckpt_gate else iter_num
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("exit_gate."))  # every other weight stays bit-identical
+    optimizers = (torch.optim.AdamW(model.exit_gate.parameters(), lr=adam_lr, betas=adam_betas, eps=adam_eps,
+                                    weight_decay=0.0),)
+else:
+    if ckpt is not None and not eval_only and ckpt.get("config", {}).get("train_gate", False):
+        raise SystemExit(f"error: {ckpt_path} is a Stage II run (train_gate=True): its optimizer state is the gate's "
+                         f"alone; continue it with --train_gate=True, or resume its Stage I checkpoint")
+    optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
 if ckpt is not None and not eval_only:
     try:
-        for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
-            opt.load_state_dict(state)
+        if not (train_gate and gate_start == iter_num):  # Stage II starts with a new AdamW: Stage I's state is not used
+            for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+                opt.load_state_dict(state)
         rng = ckpt["rng"][rank % len(ckpt["rng"])]  # this rank's depth and h0 draws continue where they stopped
         torch.set_rng_state(rng["cpu"])
         if device_type == "cuda" and "cuda" in rng:
@@ -291,7 +331,7 @@ if ckpt is not None and not eval_only:
         raise SystemExit(f"error: {ckpt_path}: its optimizer or RNG state does not fit this model: "
                          f"{' '.join(str(e).split()) or type(e).__name__}") from None
 del ckpt
-for opt, peak in zip(optimizers, (muon_lr, adam_lr)):
+for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
     for group in opt.param_groups:
         group["peak_lr"] = peak  # the schedule scales these; set after loading so a resumed run may change them
 if compile:
@@ -304,6 +344,8 @@ if not task and int(val[:val_seqs * block_size + 1].max()) >= cfg.vocab_size:  #
                      f"vocab_size={cfg.vocab_size}: shards of another tokenizer, or a vocab_size too small")
 if not eval_loops:
     eval_loops = tuple(sorted({1, 2, max(1, cfg.mean_recurrence // 2), cfg.mean_recurrence, 2 * cfg.mean_recurrence}))
+if cfg.exit_gate and not task and cfg.mean_recurrence not in eval_loops:  # the Q-exit table is read at T_max
+    eval_loops = tuple(sorted({*eval_loops, cfg.mean_recurrence}))
 if not peak_flops and device_type == "cuda":
     peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
 if eval_only:  # what the numbers are of: the checkpoint, the depths and how much data
@@ -324,13 +366,15 @@ if from_ckpt:
 
 
 def lr_mult(it):
-    """Warmup, constant, then linear or half-cosine decay to min_lr_frac over the last decay_frac of max_iters."""
+    """Warmup, constant, then linear or half-cosine decay to min_lr_frac over the last decay_frac of max_iters.
+    Stage II schedules its own steps, from gate_start."""
+    it, max_iters_ = it - gate_start, max_iters - gate_start
     if it < warmup_iters:
         return (it + 1) / warmup_iters
-    decay_start = max_iters * (1 - decay_frac)
+    decay_start = max_iters_ * (1 - decay_frac)
     if it < decay_start:
         return 1.0
-    t = (it - decay_start) / max(1, max_iters - decay_start)  # 0 -> 1 over the decay window
+    t = (it - decay_start) / max(1, max_iters_ - decay_start)  # 0 -> 1 over the decay window
     if decay_shape == "cosine":
         t = (1 - math.cos(math.pi * t)) / 2  # the same end points, flat at both ends
     return 1 - (1 - min_lr_frac) * t
@@ -340,6 +384,18 @@ def lr_mult(it):
 token_bytes = None if task else torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
 
 
+def q_exit_sums(ce, lam, valid):
+    """Sums over the valid tokens of one batch, every T_max step run: for each q in exit_thresholds, the CE at
+    the token's Q-exit step m (the first with 1 - S_m >= q, else T_max) and m; then H(p), E[t], the tokens."""
+    S, sums = survival(lam), []
+    for q in exit_thresholds:
+        hit = torch.cat([1 - S[:-1] >= q, torch.ones_like(valid)[None]])  # a token still in at T_max leaves there
+        m = hit.int().argmax(0)  # the first step that reaches q
+        sums += [ce.gather(0, m[None])[0][valid].sum(), (m + 1)[valid].sum()]
+    count = valid.sum()
+    return torch.stack([*sums, *(exit_summary(ce, lam, valid)[-2:] * count), count]).double()
+
+
 @torch.no_grad()
 def evaluate():
     """Val loss (nats per token) and bits per byte on the fixed val prefix at every depth in eval_loops,
@@ -347,6 +403,7 @@ def evaluate():
     past the training depth? bpb leaves out targets with no bytes (<|endoftext|>, padded ids)."""
     model.eval()
     losses, bpbs, states = {}, {}, {}
+    exit_sums = torch.zeros(2 * len(exit_thresholds) + 3, device=device, dtype=torch.float64)
     n = block_size * batch_size
     sum_dtype = torch.float32 if device_type == "mps" else torch.float64  # byte counts pass 2^24 in fp32
     for T in eval_loops:
@@ -358,6 +415,8 @@ def evaluate():
             with ctx:
                 logits, loss = raw_model(buf[:-1].view(batch_size, block_size), y, num_loops=T)
             total += torch.stack([loss.float(), torch.ones((), device=device), *(t.mean() for t in raw_model.last_state)])
+            if cfg.exit_gate and T == cfg.mean_recurrence:  # the gate's distribution over the T_max steps
+                exit_sums += q_exit_sums(*raw_model.last_exit, y >= 0)
             nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
             nbytes = token_bytes[y.flatten()]
             nats_bytes += torch.stack([(nll * (nbytes > 0)).sum().to(sum_dtype), nbytes.sum().to(sum_dtype)])
@@ -367,8 +426,10 @@ def evaluate():
         losses[T] = (total[0] / total[1]).item()
         states[T] = (total[2:] / total[1]).tolist()
         bpbs[T] = (nats_bytes[0] / (math.log(2) * nats_bytes[1])).item() if nats_bytes[1] > 0 else float("nan")
+    if ddp:
+        dist.all_reduce(exit_sums)
     model.train()
-    return losses, bpbs, states
+    return losses, bpbs, states, (exit_sums[:-1] / exit_sums[-1]).tolist() if cfg.exit_gate else None
 
 
 def all_reduce_cpu(t):
@@ -420,12 +481,19 @@ def written_to():
 def report_eval():
     if task:
         return report_task_eval()
-    losses, bpbs, states = evaluate()
+    losses, bpbs, states, exits = evaluate()
     log(f"step {iter_num} val loss by loop depth{written_to()}:\n" + "\n".join(
         f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}   state rms {states[T][0]:.3g}   residual {states[T][1]:.3g}"
         for T, l in losses.items()))
-    write_log({"iter": iter_num, "val": losses, "val_bpb": bpbs, "val_state_rms": {T: s[0] for T, s in states.items()},
-               "val_residual": {T: s[1] for T, s in states.items()}})
+    rec = {"iter": iter_num, "val": losses, "val_bpb": bpbs, "val_state_rms": {T: s[0] for T, s in states.items()},
+           "val_residual": {T: s[1] for T, s in states.items()}}
+    if exits:
+        *per_q, rec["val_exit_entropy"], rec["val_exit_step"] = exits
+        rec["val_q_exit"] = {q: {"loss": per_q[2 * i], "steps": per_q[2 * i + 1]} for i, q in enumerate(exit_thresholds)}
+        log(f"  exit gate at T_max={cfg.mean_recurrence}: H(p) {rec['val_exit_entropy']:.3f}, E[t] {rec['val_exit_step']:.2f}; "
+            f"Q-exit, all {cfg.mean_recurrence} steps run and each token's loss read at its exit step:\n" + "\n".join(
+                f"  q={q:<4} loss {r['loss']:.4f}   mean steps {r['steps']:.2f}" for q, r in rec["val_q_exit"].items()))
+    write_log(rec)
     return losses
 
 
@@ -442,7 +510,8 @@ def save_checkpoint():
     if not master:
         return
     ckpt = {"model": raw_model.state_dict(), "model_args": asdict(cfg), "optimizer": [o.state_dict() for o in optimizers],
-            "iter_num": iter_num, "data_pos": list(data_pos), "config": settings, "rng": rngs, "version": 1}
+            "iter_num": iter_num, "data_pos": list(data_pos), "config": settings, "rng": rngs, "version": 1,
+            "gate_start": gate_start}
     tmp = ckpt_path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -524,11 +593,11 @@ while True:
         sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
         with sync:
             with ctx:
-                _, loss = model(x, y)
+                _, loss = model(x, y, exit_beta=exit_beta, train_gate=train_gate)
             (loss / grad_accum).backward()
         step_loss += loss.detach() / grad_accum
         n, k = raw_model.last_depths  # MFU counts the loop steps each sequence needed
-        useful_flops += raw_model.estimate_flops(block_size, n, k)
+        useful_flops += raw_model.estimate_flops(block_size, n, k, backward=not train_gate)  # Stage II: no trunk backward
         steps_needed, steps_run = steps_needed + int((n + k).sum()), steps_run + raw_model.last_rows_run
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     if not torch.isfinite(grad_norm):  # the same on every rank: gradients are already averaged
@@ -563,9 +632,16 @@ while True:
                "ms": dt * 1000, "tok_s": total_batch_size / dt, "mfu": mfu,
                "padded": work[2].item() / work[1].item(), **loop, "state_rms": state_rms, "residual": residual}
         rho = f"rho {loop['rho']:.4f}" if loop else "no loop"  # the fixed-depth baseline has none
-        log(f"iter {iter_num}: loss {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, grad norm {rec['grad_norm']:.3f}, "
-            f"{rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, MFU {f'{100 * mfu:.1f}%' if peak_flops else 'n/a'}, "
-            f"padded x{rec['padded']:.2f}, {rho}, state rms {state_rms:.3g}, residual {residual:.3g}")
+        exits = ""
+        if cfg.exit_gate:  # the objective is logged as loss; beside it, the last micro-batch's per-step CE, H(p), E[t]
+            *ce_steps, rec["exit_entropy"], rec["exit_step"] = exit_summary(*raw_model.last_exit, y != -1).tolist()
+            rec["ce_steps"] = ce_steps
+            exits = (f", CE by step {'/'.join(f'{c:.3f}' for c in ce_steps)}, H(p) {rec['exit_entropy']:.3f}, "
+                     f"E[t] {rec['exit_step']:.2f}")
+        log(f"iter {iter_num}: {'gate loss' if train_gate else 'loss'} {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, "
+            f"grad norm {rec['grad_norm']:.3f}, {rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, "
+            f"MFU {f'{100 * mfu:.1f}%' if peak_flops else 'n/a'}, padded x{rec['padded']:.2f}, {rho}, "
+            f"state rms {state_rms:.3g}, residual {residual:.3g}{exits}")
         write_log(rec)
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
         loss_sum, loss_steps = torch.zeros((), device=device), 0
