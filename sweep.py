@@ -64,7 +64,7 @@ VARIANTS = {  # the injection and its paper's depth sampler; the baseline is the
 PARITY = {  # the configs of README "What the loop buys"; RDM also at a quarter of the learning rate
     "gpt": ["config/parity_gpt.py"], "gpt_deep": ["config/parity_gpt_deep.py"], "naive": ["config/parity_naive.py"],
     "rdm": ["config/parity_rdm.py"], "rdm_lr0.25": ["config/parity_rdm.py", "--muon_lr=0.005", "--adam_lr=0.002"],
-    "parcae": ["config/parity_parcae.py"],
+    "parcae": ["config/parity_parcae.py"], "ouro": ["config/parity_ouro.py"],
 }
 MUON_LR, ADAM_LR = 0.02, 8e-3
 SPIKE_NATS, SPIKE_WINDOW, SPIKE_MIN = 1.0, 10, 5

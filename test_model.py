@@ -739,3 +739,11 @@ def test_none_injection_input_gets_gradient_only_through_gradient_steps():
         loss.backward()
         g = model.prelude[0].attn.q.weight.grad
         assert (g is not None and g.abs().sum() > 0) == want, row
+
+
+def test_ouro_135m_is_looplm_135m_looped_plus_its_norm_and_gate():
+    args, base = config_model_args("ouro_135m.py"), config_model_args("looplm_135m.py")
+    assert (args["n_prelude"], args["n_core"], args["n_coda"]) == (0, base["n_prelude"] + base["n_core"] + base["n_coda"], 0)
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**args))
+    assert model.get_num_params() == 134_102_016 + 1024 + 1025  # + the loop norm's gain, + the gate's w and b
