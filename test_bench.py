@@ -59,6 +59,30 @@ def test_estimate_flops_matches_flop_counter(injection, mlp, mlp_hidden):
     assert model.estimate_flops(T, n.max().expand(B), k.max().expand(B), backward=False) < padded
 
 
+def test_estimate_flops_counts_every_readout_of_a_gated_model():
+    # Ouro's Stage I reads out (coda, ln_f, head, gate) after every step; the readout is recomputed in backward
+    # (a checkpoint keeps its logits out of memory): the counter sees that extra forward, MFU does not count it
+    cfg = GPTConfig(block_size=32, vocab_size=512, n_embd=64, n_head=4, n_kv_head=2, n_prelude=0, n_core=2, n_coda=1,
+                    injection="none", prelude_norm=False, loop_norm=True, exit_gate=True, depth_sampling="fixed",
+                    mean_recurrence=3, backprop_depth=3)
+    torch.manual_seed(0)
+    model = GPT(cfg).train()
+    B, L = 4, cfg.block_size
+    idx = torch.randint(0, cfg.vocab_size, (B, L))
+    n, k = torch.zeros(B, dtype=torch.long), torch.full((B,), 3)
+    with torch.no_grad():
+        measured = counted_flops(lambda: model(idx, idx, exit_beta=0.1))
+    assert abs(measured / model.estimate_flops(L, n, k, backward=False) - 1) < 0.05
+
+    def step():
+        model(idx, idx, exit_beta=0.1)[1].backward()
+    with torch.no_grad():  # one readout's forward: the coda block, counted, then head and gate by hand
+        coda = counted_flops(lambda: model._coda(torch.randn(B, L, 64), model.cos[:L], model.sin[:L]))
+    readout = coda + B * L * (2 * 64 * 512 + 2 * 64)
+    measured = counted_flops(step)
+    assert abs(measured / (model.estimate_flops(L, n, k) + 3 * readout) - 1) < 0.05
+
+
 def run_bench(*args):
     # one thread: on a CPU shared with other jobs, spinning OpenMP threads make a run 10x slower
     env = dict(os.environ, OMP_NUM_THREADS="1")
