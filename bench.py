@@ -131,7 +131,7 @@ def bench_train(model, name):
             t0, useful, padded, needed, run = clock(), 0, 0, 0, 0
         x = torch.randint(0, vocab_size, (batch_size, block_size + 1), device=device)
         with ctx:
-            _, loss = model(x[:, :-1], x[:, 1:])
+            _, loss = model(x[:, :-1], x[:, 1:], exit_beta=exit_beta)  # a gated config: Stage I, as train.py
         n, k = model.last_depths  # (B,) loop steps without / with gradient per sequence
         useful += model.estimate_flops(block_size, n, k)
         padded += model.estimate_flops(block_size, n.max().expand(batch_size), k.max().expand(batch_size))

@@ -313,6 +313,9 @@ if train_gate and not eval_only:
         p.requires_grad_(name.startswith("exit_gate."))  # every other weight stays bit-identical
     optimizers = (torch.optim.AdamW(model.exit_gate.parameters(), lr=adam_lr, betas=adam_betas, eps=adam_eps,
                                     weight_decay=0.0),)
+    log(f"Stage II from iter {gate_start}: {'resumed' if ckpt_gate else 'a new'} AdamW (lr {adam_lr}) over the exit "
+        f"gate's {sum(p.numel() for p in model.exit_gate.parameters())} parameters, its lr schedule over iters "
+        f"{gate_start}-{max_iters}; every other weight frozen")
 else:
     if ckpt is not None and not eval_only and ckpt.get("config", {}).get("train_gate", False):
         raise SystemExit(f"error: {ckpt_path} is a Stage II run (train_gate=True): its optimizer state is the gate's "
@@ -567,7 +570,7 @@ def interrupted(signum, frame):
 saved_iter = iter_num if init_from == "resume" else None
 signal.signal(signal.SIGINT, interrupted)
 if init_from == "resume":
-    note = "" if ckpt_max_iters in (None, max_iters) else \
+    note = "" if train_gate or ckpt_max_iters in (None, max_iters) else \
         f"; max_iters changed {ckpt_max_iters} -> {max_iters}, so the lr schedule now ends at iter {max_iters}"
     log(f"resuming from {ckpt_path} at iter {iter_num} of {max_iters}, lr x{lr_mult(iter_num):.3f}{note}")
 bad_steps, start_iter = 0, iter_num
