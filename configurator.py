@@ -244,3 +244,32 @@ def model_from_checkpoint(ckpt, path):
     except (ValueError, TypeError, RuntimeError) as e:  # bad values, or weights of another shape
         raise ValueError(f"{path} does not fit this model.py: {' '.join(str(e).split())}") from None
     return model
+
+
+def run_record(device, **fields):
+    """What produced a run (README "Records"): the command, the code (git commit, and whether the tree had
+    uncommitted changes), torch, Python, the device and the start time, plus the caller's fields. Without git,
+    or outside a repository, the code fields say "unknown"; nothing here can fail a run."""
+    import datetime
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+
+    def git(*args):
+        try:
+            r = subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                               text=True, timeout=10)
+            return r.stdout if r.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    commit, status = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    cuda = str(device).startswith("cuda")
+    return {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "commit": commit.strip() if commit else "unknown",
+            "dirty": bool(status.strip()) if status is not None else "unknown",
+            "torch": str(torch.__version__), "python": platform.python_version(),  # str: TorchVersion is no safe global
+            "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine() or str(device)),
+            "device_count": torch.cuda.device_count() if cuda else 1,
+            "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **fields}

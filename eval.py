@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
+from configurator import check_device, configure, load_checkpoint, model_from_checkpoint, run_record
 from prepare_fineweb import EOT, fetch, gpt2_encoding
 
 URLS = {"hellaswag": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
@@ -257,7 +257,9 @@ def main(argv):
 
     print(f"{ckpt_path} (iter {ckpt.get('iter_num')}), score by loop depth T:")
     print("\n".join(table(results, loops)))
-    out = {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "eval_loops": list(loops), "tasks": results}
+    runs = ckpt.get("runs") or [{}]  # the checkpoint's code: the commit of the run that last trained it
+    out = {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "checkpoint_commit": runs[-1].get("commit", "unknown"),
+           "eval_loops": list(loops), "tasks": results, "run": run_record(dev)}
     with open(os.path.join(out_dir, "eval.json"), "w") as f:
         json.dump(out, f, indent=2)
     print(f"wrote {os.path.join(out_dir, 'eval.json')}")

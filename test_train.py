@@ -1,10 +1,12 @@
 """Tests of train.py and its data path (CPU).   python -m pytest -q test_train.py"""
+import glob
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 
@@ -550,3 +552,94 @@ def test_stage_two_needs_a_gated_checkpoint(tmp_path, trained):
     shutil.copytree(out, tmp_path, dirs_exist_ok=True)
     r = train(f"--out_dir={tmp_path}", "--init_from=resume", "--train_gate=True", "--max_iters=4", check=False)
     assert r.returncode != 0 and "has none (exit_gate=False)" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# the record of each run, and wandb ---------------------------------------------------------------------
+def test_run_record_in_log_and_checkpoint_and_each_resume_adds_one(tmp_path, data):
+    out = str(tmp_path)
+    train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2")
+    first = read_log(out)[0]
+    rec = first["run"]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip())
+    assert first["iter"] == 0 and rec["commit"] == head and rec["dirty"] == dirty
+    assert rec["torch"] == torch.__version__ and rec["python"] == sys.version.split()[0]
+    assert (rec["world_size"], rec["dtype"], rec["compile"], rec["device_count"]) == (1, "float32", False, 1)
+    assert "train.py" in rec["command"] and f"--out_dir={out}" in rec["command"] and rec["init_from"] == "scratch"
+    assert re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d", rec["start"])
+    train(f"--out_dir={out}", "--init_from=resume", "--max_iters=4")
+    runs = [r for r in read_log(out) if "run" in r]
+    assert runs[0] == first and runs[1]["iter"] == 2 and runs[1]["run"]["init_from"] == "resume"
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert [r["init_from"] for r in ckpt["runs"]] == ["scratch", "resume"] and ckpt["runs"][0] == rec
+
+
+def test_run_record_without_git_says_unknown(tmp_path, data):
+    # a PATH without git: the record says "unknown" and the run goes on
+    r = subprocess.run([sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=1"],
+                       cwd=ROOT, env=dict(ENV, PATH=str(tmp_path)), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rec = read_log(str(tmp_path))[0]["run"]
+    assert rec["commit"] == "unknown" and rec["dirty"] == "unknown"
+
+
+def wandb_records(path):
+    """The protobuf records of an offline run's .wandb file: a 7-byte header, then leveldb-log records in 32 KiB
+    blocks, each with a 7-byte header (crc, length, type: 1 full, 2 first, 3 middle, 4 last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b":W&B"
+    p, records, part = 7, [], b""
+    while p + 7 <= len(data):
+        left = 32768 - p % 32768
+        length, kind = (0, 0) if left < 7 else struct.unpack("<HB", data[p + 4:p + 7])
+        if kind == 0:  # a block's zero padding
+            p += left
+            continue
+        part, p = part + data[p + 7:p + 7 + length], p + 7 + length
+        if kind in (1, 4):
+            records.append(pb.Record.FromString(part))
+            part = b""
+    return records
+
+
+def test_wandb_offline_gets_the_train_and_val_records_and_the_run_record(tmp_path, data):
+    pytest.importorskip("wandb", reason="pip install wandb (.ci/run installs it)")
+    out, wdir = tmp_path / "run", tmp_path / "wandb"
+    wdir.mkdir()
+    env = dict(ENV, WANDB_MODE="offline", WANDB_DIR=str(wdir), WANDB_SILENT="true")
+    r = subprocess.run([sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2",
+                        "--eval_interval=2", "--wandb_log=True", "--wandb_run_name=t"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    files = glob.glob(str(wdir / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    history, config = {}, {}
+    for rec in wandb_records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            items = {("/".join(i.nested_key) or i.key): json.loads(i.value_json) for i in rec.history.item}
+            history.setdefault(items["_step"], {}).update(items)
+        elif kind == "run":
+            config = {u.key: json.loads(u.value_json) for u in rec.run.config.update}
+            assert rec.run.display_name == "t"
+    log = read_log(str(out))
+    for want in (x for x in log if "run" not in x):  # every number of every record, at its step
+        got = history[want["iter"]]
+        for key in ("loss", "grad_norm", "rho"):
+            if key in want:
+                assert got[key] == pytest.approx(want[key])
+        for T, v in want.get("val", {}).items():
+            assert got[f"val/{T}"] == pytest.approx(v)
+    assert sorted(history) == [0, 1, 2]
+    assert config["run"]["commit"] == log[0]["run"]["commit"] and config["n_embd"] == 32
+
+
+def test_wandb_log_without_wandb_is_one_line(tmp_path, data):
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['wandb'] = None  # as if not installed\n")
+    r = subprocess.run([sys.executable, "train.py", *TINY, "--wandb_log=True", f"--data_dir={data}", f"--out_dir={tmp_path}"],
+                       cwd=ROOT, env=dict(ENV, PYTHONPATH=str(tmp_path)), capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "pip install wandb" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

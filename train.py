@@ -28,6 +28,7 @@ from configurator import exit_on_help
 exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
 
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
+from configurator import check_device, configure, load_checkpoint, model_from_checkpoint, run_record
 import tasks
 from model import GPT, GPTConfig, exit_summary, survival
 from prepare_fineweb import open_shard, read_batch, token_byte_lengths
@@ -111,6 +112,10 @@ dtype = "auto"                   # "auto" (bf16 on CUDA, fp32 elsewhere), "bfloa
 compile = None                   # torch.compile each block; None = on for CUDA, off otherwise
 peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = guess from the GPU name
 seed = 1337                      # each rank adds its rank
+# Weights & Biases (optional: pip install wandb); the records of log.jsonl go there too, from rank 0
+wandb_log = False                # log to wandb (WANDB_MODE=offline works without network)
+wandb_project = "nanoloop"       # its project
+wandb_run_name = ""              # its run name; "" = out_dir's last folder name
 # -----------------------------------------------------------------------------
 try:
     cli_keys = configure(globals(), sys.argv[1:])
@@ -118,6 +123,8 @@ except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
+if wandb_log and importlib.util.find_spec("wandb") is None:  # said before anything is loaded
+    raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb")
 if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
 if not all(type(T) is int and T >= 1 for T in eval_loops):
@@ -333,6 +340,7 @@ if ckpt is not None and not eval_only:
     except (ValueError, KeyError, TypeError, RuntimeError, ZeroDivisionError) as e:
         raise SystemExit(f"error: {ckpt_path}: its optimizer or RNG state does not fit this model: "
                          f"{' '.join(str(e).split()) or type(e).__name__}") from None
+runs = [] if ckpt is None else list(ckpt.get("runs", []))  # the records of the runs that made this checkpoint
 del ckpt
 for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
     for group in opt.param_groups:
@@ -470,10 +478,24 @@ def fit_saturating_exp(T, L):
     return best
 
 
+def flat(record, prefix=""):
+    """{"val": {4: 3.2}, "ce_steps": [..]} -> {"val/4": 3.2, "ce_steps/0": ..}: the numbers, for wandb."""
+    items = record.items() if isinstance(record, dict) else enumerate(record)
+    out = {}
+    for k, v in items:
+        if isinstance(v, (dict, list, tuple)):
+            out.update(flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def write_log(record):
     if master:
         with open(record_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if wandb_run is not None and "run" not in record:  # the run record is the wandb run's config instead
+            wandb_run.log(flat({k: v for k, v in record.items() if k != "iter"}), step=record["iter"])
 
 
 def written_to():
@@ -514,7 +536,7 @@ def save_checkpoint():
         return
     ckpt = {"model": raw_model.state_dict(), "model_args": asdict(cfg), "optimizer": [o.state_dict() for o in optimizers],
             "iter_num": iter_num, "data_pos": list(data_pos), "config": settings, "rng": rngs, "version": 1,
-            "gate_start": gate_start}
+            "gate_start": gate_start, "runs": runs}
     tmp = ckpt_path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -543,6 +565,16 @@ if master:
             os.replace(log_path + ".tmp", log_path)
             log(f"log.jsonl: dropped {len(lines) - len(keep)} records past iter {iter_num}, "
                 f"written after the last checkpoint; those steps run again now")
+# a record of what produced this run: first in log.jsonl, then one more for every resume (and eval_only)
+run = run_record(device, world_size=world, dtype=dtype, compile=compile, init_from=init_from, eval_only=eval_only)
+wandb_run = None
+if wandb_log and master:
+    import wandb
+    wandb_run = wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
+                           config={**settings, "run": run})
+write_log({"iter": iter_num, "run": run})
+if not eval_only:
+    runs.append(run)  # the checkpoint keeps every run that trained it
 if eval_only:
     losses = report_eval()
     if len(losses) >= 3:
@@ -550,6 +582,8 @@ if eval_only:
         edge = (" (z at the bottom of its search range: these losses do not level off with depth)" if z <= 1.1e-3 else
                 " (z at the top of its search range: the loss settles within a step or two)" if z >= 9.9 else "")
         log(f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}{edge}")
+    if wandb_run is not None:
+        wandb_run.finish()
     if ddp:
         dist.barrier()  # no rank tears down gloo while another still works (rank 0 writes): that aborts at exit
         dist.destroy_process_group()
@@ -648,6 +682,8 @@ while True:
         write_log(rec)
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
         loss_sum, loss_steps = torch.zeros((), device=device), 0
+if wandb_run is not None:
+    wandb_run.finish()
 if ddp:
     dist.barrier()  # rank 0 may still be saving: tearing down under it aborts with SIGABRT
     dist.destroy_process_group()
