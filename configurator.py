@@ -273,3 +273,19 @@ def run_record(device, **fields):
             "device": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine() or str(device)),
             "device_count": torch.cuda.device_count() if cuda else 1,
             "start": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **fields}
+
+
+def fit_saturating_exp(T, L):
+    """Least squares L(T) = L_inf + Z exp(-z T): a grid over z, closed form for (L_inf, Z). Parcae's law of
+    loss against test-time depth; train.py's eval_only and plot.py fit it."""
+    import numpy as np
+
+    T, L = np.asarray(T, float), np.asarray(L, float)
+    best = None
+    for z in np.geomspace(1e-3, 10, 2000):
+        X = np.stack([np.ones_like(T), np.exp(-z * T)], 1)
+        coef, *_ = np.linalg.lstsq(X, L, rcond=None)
+        rms = float(np.sqrt(np.mean((X @ coef - L) ** 2)))
+        if best is None or rms < best[-1]:
+            best = (coef[0], coef[1], z, rms)
+    return best

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import check_device, configure, load_checkpoint, model_from_checkpoint, run_record
+from configurator import check_device, configure, fit_saturating_exp, load_checkpoint, model_from_checkpoint, run_record
 import tasks
 from model import GPT, GPTConfig, exit_summary, survival
 from prepare_fineweb import open_shard, read_batch, token_byte_lengths
@@ -463,19 +463,6 @@ def report_task_eval():
                "val_residual": {T: r["residual"] for T, r in res["id"].items()},
                "task": res, "mod": task_mod, "mu": cfg.mean_recurrence})
     return {T: r["loss"] for T, r in res["id"].items()}
-
-
-def fit_saturating_exp(T, L):
-    """Least squares L(T) = L_inf + Z exp(-z T): a grid over z, closed form for (L_inf, Z)."""
-    T, L = np.asarray(T, float), np.asarray(L, float)
-    best = None
-    for z in np.geomspace(1e-3, 10, 2000):
-        X = np.stack([np.ones_like(T), np.exp(-z * T)], 1)
-        coef, *_ = np.linalg.lstsq(X, L, rcond=None)
-        rms = float(np.sqrt(np.mean((X @ coef - L) ** 2)))
-        if best is None or rms < best[-1]:
-            best = (coef[0], coef[1], z, rms)
-    return best
 
 
 def flat(record, prefix=""):

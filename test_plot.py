@@ -1,0 +1,101 @@
+"""Tests of plot.py (CPU; needs matplotlib, which .ci/run installs).   python -m pytest -q test_plot.py"""
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+
+from test_train import ENV, ROOT, TINY, data, train  # noqa: F401  (data: the sample shards fixture)
+
+matplotlib = pytest.importorskip("matplotlib", reason="plot.py needs matplotlib: pip install matplotlib")
+matplotlib.use("Agg")
+import plot  # noqa: E402
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])  # IHDR: width, height
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data):  # noqa: F811
+    out = str(tmp_path_factory.mktemp("run"))
+    train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=4", "--eval_interval=2", "--eval_loops=1,2,4")
+    return out
+
+
+def test_a_real_runs_figure(tmp_path, run):
+    path = str(tmp_path / "a.png")
+    fig = plot.plot_runs([run, run], path)
+    assert len(fig.axes) == 3 and png_size(path) == (1500, 450)
+    val = fig.axes[1]
+    assert len(val.lines) == 2 * 3  # two runs x three depths
+    depth = fig.axes[2]
+    assert [tuple(line.get_xdata()) for line in depth.lines][0] == (1, 2, 4)  # points at the evaluated depths
+    assert any("fit" in t.get_text() for t in depth.get_legend().get_texts())
+    # with an eval.json: a fourth panel of scores by depth
+    with open(os.path.join(run, "eval.json"), "w") as f:
+        json.dump({"tasks": {"lambada": {"items": 5, "metrics": {"acc": {"1": 0.1, "2": 0.2, "4": 0.25}}}}}, f)
+    fig = plot.plot_runs([run], path)
+    os.remove(os.path.join(run, "eval.json"))
+    assert len(fig.axes) == 4 and png_size(path) == (2000, 450)
+    assert tuple(fig.axes[3].lines[0].get_ydata()) == (0.1, 0.2, 0.25)
+
+
+def test_the_same_records_give_the_same_file(tmp_path, run):
+    a, b = str(tmp_path / "a.png"), str(tmp_path / "b.png")
+    plot.plot_runs([run], a)
+    plot.plot_runs([run], b)
+    assert open(a, "rb").read() == open(b, "rb").read()
+
+
+def test_a_run_without_evaluations(tmp_path):
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.write(json.dumps({"iter": 0, "run": {"commit": "x"}}) + "\n")
+        for i in range(1, 4):
+            f.write(json.dumps({"iter": i, "loss": 5.0 - i}) + "\n")
+    fig = plot.plot_runs([str(tmp_path)], str(tmp_path / "p.png"))
+    assert len(fig.axes) == 3 and len(fig.axes[0].lines) == 1 and not fig.axes[1].lines
+    assert "no records" in [t.get_text() for t in fig.axes[1].texts]
+
+
+def fake_sweep(root):
+    for variant, mult, seed, val, rho, ok in [("parcae", 1, 1, 6.5, 0.5, True), ("parcae", 1, 2, 6.7, 0.6, True),
+                                              ("parcae", 2, 1, 6.4, 0.55, True), ("rdm", 1, 1, 7.0, 1.2, True),
+                                              ("rdm", 2, 1, float("nan"), 3.0, False)]:
+        d = root / f"{variant}_x{mult:g}_s{seed}"
+        d.mkdir()
+        (d / "status.json").write_text(json.dumps({"returncode": 0 if ok else 1}))
+        with open(d / "log.jsonl", "w") as f:
+            f.write(json.dumps({"iter": 1, "loss": 7.0, "rho": rho, "state_rms": 10 * rho}) + "\n")
+            f.write(json.dumps({"iter": 1, "val": {"4": val, "8": val + 0.1}}) + "\n")
+
+
+def test_the_sweep_figure(tmp_path):
+    fake_sweep(tmp_path)
+    table = plot.read_sweep(str(tmp_path))
+    assert table["parcae"][1.0] == [(6.5, 0.5, 5.0), (6.7, 0.6, 6.0)] and table["rdm"][2.0] == [(None, 3.0, 30.0)]
+    path = str(tmp_path / "s.png")
+    fig = plot.plot_sweep(str(tmp_path), path)
+    assert len(fig.axes) == 3 and png_size(path) == (1500, 450)
+    assert fig.axes[2].get_yscale() == "log"
+
+
+@pytest.mark.parametrize("args,words", [(["{empty}"], "has no log.jsonl"), ([], "one of the two"),
+                                        (["--sweep={empty}"], "no finished sweep.py runs"),
+                                        (["{empty}", "--colour=red"], "unknown config key 'colour'")])
+def test_bad_input_is_one_line(tmp_path, args, words):
+    args = [a.replace("{empty}", str(tmp_path)) for a in args]
+    r = subprocess.run([sys.executable, "plot.py", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and words in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_without_matplotlib_says_how_to_get_it(tmp_path, run):
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['matplotlib'] = None  # as if not installed\n")
+    r = subprocess.run([sys.executable, "plot.py", run], cwd=ROOT, env=dict(ENV, PYTHONPATH=str(tmp_path)),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stderr.strip() == "error: plot.py needs matplotlib: pip install matplotlib", r.stderr
