@@ -195,7 +195,8 @@ def test_scratch_run_refuses_to_replace_a_checkpoint(tmp_path, data):
     assert (tmp_path / "ckpt.pt").read_bytes() == ckpt and (tmp_path / "log.jsonl").read_text() == log
     train(*common, "--max_iters=2", "--overwrite=True")  # replaces both: the log holds the new run only
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["iter_num"] == 2
-    assert [r["iter"] for r in read_log(str(tmp_path))] == [0, 1, 2, 2]
+    assert [r["iter"] for r in read_log(str(tmp_path)) if "run" not in r] == [0, 1, 2, 2]
+    assert [r["iter"] for r in read_log(str(tmp_path)) if "run" in r] == [0]  # this run's record, first
 
 
 @pytest.fixture(scope="module")
@@ -408,6 +409,8 @@ def test_eval_only_records_go_to_their_own_file(tmp_path, data, kind):
         assert (f"the first 1,024 val tokens in {data}" if kind == "text" else "32 rows in each of the id and long sets") in first
         assert f"(eval_only: appended to {out / 'eval_only.jsonl'})" in r.stdout
     recs = [json.loads(line) for line in (out / "eval_only.jsonl").read_text().splitlines()]
+    assert [rec["run"]["eval_only"] for rec in recs if "run" in rec] == [True, True]  # each eval_only run's record
+    recs = [rec for rec in recs if "run" not in rec]
     assert [(rec["iter"], sorted(rec["val"])) for rec in recs] == [(2, ["1", "2"]), (2, ["4"])]
     assert ("task" in recs[0]) == (kind == "task")
     train(*common, f"--out_dir={out}", "--max_iters=1", "--overwrite=True")  # a new run: the old model's records go
@@ -478,8 +481,8 @@ def test_log_has_loop_telemetry(tmp_path, data):
     train(*TINY, f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=100",
           "--injection=add", "--prelude_norm=True", "--eval_loops=1,2,4")
     log = read_log(out)
-    first = log[0]
-    assert first["iter"] == 0
+    first = log[1]  # after the run record
+    assert first["iter"] == 0 and "run" in log[0]
     for T in ("1", "2", "4"):
         assert abs(first["val_state_rms"][T] / int(T) - 1) < 1e-3, first
         assert abs(first["val_residual"][T] - 1 / int(T)) < 1e-5, first
