@@ -16,15 +16,18 @@ y_t = RMSNorm(Coda(h_t)), and a gate lambda_t = sigmoid(w . y_t + b) gives each 
 p(t) over the step it exits at (exit_distribution). Training: Stage I, the expected loss over p minus
 beta times its entropy (exit_objective); Stage II, the gate alone (gate_loss). decode.py exits per token.
 
-Everything an injection adds sits in six places: its parameters (GPT.__init__), their init
-(init_weights), inject(), Out before the coda (_coda, "diagonal" only), its rho (loop_stats) and its
-FLOPs (estimate_flops). L is the sequence length throughout, T the loop depth.
+Everything an injection adds sits in these places: its parameters (GPT.__init__), their init
+(init_weights), initial_state() ("none" only), inject(), Out before the coda (_coda, "diagonal" only),
+its rho (loop_stats) and its FLOPs (estimate_flops). L is the sequence length throughout, T the loop depth.
 
 Use it:
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(injection="diagonal"))
     logits, loss = model(idx, targets)                  # training: depths are sampled
     model.eval(); out = model.generate(idx, 100, num_loops=16)   # choose test-time depth
+    ouro = GPT(GPTConfig(injection="none", n_prelude=0, n_coda=0, prelude_norm=False, loop_norm=True,
+                         exit_gate=True, depth_sampling="fixed", mean_recurrence=4, backprop_depth=4))
+    _, loss = ouro(idx, targets, exit_beta=0.1)          # Stage I; train_gate=True: Stage II
 """
 import math
 from dataclasses import dataclass
