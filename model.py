@@ -190,39 +190,45 @@ def _telemetry(hT, h_prev, rms, residual):
     residual[:] = (step.norm(dim=-1) / hT.norm(dim=-1).clamp(min=1e-12)).mean(-1)
 
 
-# --- Ouro's exit distribution; lambda, ce (T, B, L) over the steps t = 1..T_max (README "Ouro") -----------
+# --- Ouro's exit distribution over the steps t = 1..T_max (README "Ouro") ------------------------------
+# z (T, B, L) are the gate's logits, lambda_t = sigmoid(z_t). The objectives work in log space: in fp32 a gate
+# past |z| ~ 17 gives lambda = 0 or 1 exactly, and log(0) (or p log p at p = 0) would make every gradient NaN.
 def survival(lam):
     """S_t = prod_{j<=t} (1 - lambda_j): the probability that a token has not exited by step t."""
     return torch.cumprod(1 - lam, 0)
 
 
-def exit_distribution(lam):
-    """p(t) = lambda_t S_{t-1} for t < T_max, and p(T_max) = S_{T_max-1}: the last step takes what is left,
-    so p sums to 1 and lambda_{T_max} is never used."""
-    S_prev = torch.cat([torch.ones_like(lam[:1]), survival(lam[:-1])])  # S_0 .. S_{T_max-1}
-    return torch.cat([lam[:-1] * S_prev[:-1], S_prev[-1:]])
+def exit_log_distribution(z):
+    """log p(t): p(t) = lambda_t S_{t-1} for t < T_max, and p(T_max) = S_{T_max-1}. The last step takes what
+    is left, so p sums to 1 and lambda_{T_max} is never used."""
+    log_S_prev = torch.cat([torch.zeros_like(z[:1]), torch.cumsum(F.logsigmoid(-z[:-1]), 0)])  # log S_0 .. S_T-1
+    return torch.cat([F.logsigmoid(z[:-1]) + log_S_prev[:-1], log_S_prev[-1:]])
 
 
-def exit_objective(ce, lam, beta):
+def exit_distribution(z):
+    return exit_log_distribution(z).exp()
+
+
+def exit_objective(ce, z, beta):
     """Stage I, per token: sum_t p(t) CE_t - beta H(p). The entropy term keeps p from collapsing onto one step."""
-    p = exit_distribution(lam)
-    return (p * ce).sum(0) + beta * torch.xlogy(p, p).sum(0)
+    log_p = exit_log_distribution(z)
+    p = log_p.exp()
+    return (p * ce).sum(0) + beta * (p * log_p).sum(0)
 
 
-def gate_loss(ce, lam):
+def gate_loss(ce, z):
     """Stage II, per token: (1/T_max) sum_{t=2..T_max} BCE(1 - lambda_t, w_t). Continue (target w_t -> 1) where
-    step t still lowered the loss: I_t = max(0, CE_t-1 - CE_t), w_t = sigmoid(50 (I_t - 0.005)). ce is detached.
-    BCE written out (logs clamped at -100, as torch's): torch's refuses to run under autocast."""
+    step t still lowered the loss: I_t = max(0, CE_t-1 - CE_t), w_t = sigmoid(50 (I_t - 0.005)). ce is detached;
+    1 - lambda_t = sigmoid(-z_t), so the BCE is taken on the logit -z_t."""
     w = torch.sigmoid(50 * ((ce[:-1] - ce[1:]).clamp(min=0) - 0.005))  # >= 0.4378: a stalled token's floor
-    go = 1 - lam[1:]
-    bce = -(w * go.log().clamp(min=-100) + (1 - w) * (1 - go).log().clamp(min=-100))
-    return bce.sum(0) / len(ce)
+    return F.binary_cross_entropy_with_logits(-z[1:], w, reduction="none").sum(0) / len(ce)
 
 
-def exit_summary(ce, lam, valid):
+def exit_summary(ce, z, valid):
     """Means over valid tokens (B, L): CE_t per step (T,), the entropy of p, and the mean exit step E[t]."""
-    p, t = exit_distribution(lam), torch.arange(1, len(lam) + 1, device=lam.device, dtype=lam.dtype)
-    per_token = torch.stack([*ce, -torch.xlogy(p, p).sum(0), (p * t[:, None, None]).sum(0)])[:, valid]
+    log_p = exit_log_distribution(z)
+    p, t = log_p.exp(), torch.arange(1, len(z) + 1, device=z.device, dtype=z.dtype)
+    per_token = torch.stack([*ce, -(p * log_p).sum(0), (p * t[:, None, None]).sum(0)])[:, valid]
     return per_token.mean(1)  # (T + 2,): CE_1 .. CE_T, H, E[t]
 
 
@@ -256,7 +262,7 @@ class GPT(nn.Module):
         self.last_depths = None  # (n, k) per sequence of the latest forward, for MFU and padded-work stats
         self.last_rows_run = 0   # row-steps the core actually ran in the latest forward (= sum of T_i)
         self.last_state = None   # per sequence (B,): RMS of h_T per token, and |h_T - h_T-1| / |h_T| per token
-        self.last_exit = None    # gated models, given targets: per token, CE_t and lambda_t (T, B, L), detached
+        self.last_exit = None    # gated models, given targets: per token, CE_t and the gate's logit z_t (T, B, L), detached
         self.init_weights()
 
     @torch.no_grad()
@@ -346,19 +352,23 @@ class GPT(nn.Module):
         logits = F.linear(y, self.wte.weight)  # tied embedding
         return logits if logits.dtype == torch.float64 else logits.float()  # fp32 (fp64 kept for tests)
 
-    def lam(self, y):
-        """lambda_t (B, L): the exit gate's probability that a token leaves at this step, from the head's
-        input y_t (B, L, C). In fp32 even under autocast: the survival is a product of T_max of them."""
+    def gate_logit(self, y):
+        """z_t (B, L), lambda_t = sigmoid(z_t), from the head's input y_t (B, L, C). In fp32 even under autocast:
+        the survival is a product of T_max of them."""
         with torch.autocast(y.device.type, enabled=False):
-            return torch.sigmoid(self.exit_gate(y.to(self.exit_gate.weight.dtype)).squeeze(-1))  # fp32 weights
+            return self.exit_gate(y.to(self.exit_gate.weight.dtype)).squeeze(-1)  # fp32 weights
+
+    def lam(self, y):
+        """lambda_t (B, L): the exit gate's probability that a token leaves at this step."""
+        return torch.sigmoid(self.gate_logit(y))
 
     def _readout(self, h, cos, sin, targets, gate_only=False):
-        """Step t's prediction read off the state (Ouro): per-token CE_t and lambda_t (B, L). Called under a
+        """Step t's prediction read off the state (Ouro): per-token CE_t and the gate's z_t (B, L). Called under a
         checkpoint in training, so its B x L x V logits are not kept for backward. gate_only (Stage II):
         no gradient reaches anything but the gate."""
         y = self._coda(h, cos, sin)
         ce = F.cross_entropy(self.head(y).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
-        return ce.view(targets.shape), self.lam(y.detach() if gate_only else y)
+        return ce.view(targets.shape), self.gate_logit(y.detach() if gate_only else y)
 
     def _loop(self, h, e, cos, sin, n, k, readout=None):
         """The loop of the docstring, row i running T_i = n_i + k_i steps:
@@ -410,7 +420,7 @@ class GPT(nn.Module):
         n, k = self._depths(B, num_loops)
         self.last_depths, self.last_rows_run = (n, k), 0
         order = deepest_first(n + k)
-        per_step, readout = [], None  # a gated model's (CE_t, lambda_t) after every step t
+        per_step, readout = [], None  # a gated model's (CE_t, z_t) after every step t
         if self.config.exit_gate and targets is not None:
             if order is not None or (exit_beta and n.any()):
                 raise ValueError("an exit gate's objective needs every row at one depth, each step with gradient")
@@ -427,10 +437,10 @@ class GPT(nn.Module):
             h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order]))
         self.last_state = (rms, residual)
         if per_step:
-            ce, lam = (torch.stack(t) for t in zip(*per_step))  # (T, B, L) each
-            self.last_exit = (ce.detach(), lam.detach())
+            ce, z = (torch.stack(t) for t in zip(*per_step))  # (T, B, L) each
+            self.last_exit = (ce.detach(), z.detach())
             if exit_beta or train_gate:  # mean over the tokens that have a target
-                obj = gate_loss(ce.detach(), lam) if train_gate else exit_objective(ce, lam, exit_beta)
+                obj = gate_loss(ce.detach(), z) if train_gate else exit_objective(ce, z, exit_beta)
                 return None, obj[targets != -1].mean()
         y = self._coda(h, cos, sin)  # (B, L, C)
         if targets is None:

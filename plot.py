@@ -38,8 +38,7 @@ def read_run(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir} has no log.jsonl: not a train.py out_dir (or the run wrote no record yet)")
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = read_jsonl(path)
     train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["iter"], {int(T): v for T, v in r["val"].items()}) for r in records if "val" in r]
     scores = None
@@ -47,6 +46,22 @@ def read_run(run_dir):
         with open(os.path.join(run_dir, "eval.json")) as f:
             scores = json.load(f)
     return train, evals, scores
+
+
+def read_jsonl(path):
+    """The records of a .jsonl file; a last line without its newline (a run still writing it) is left out."""
+    with open(path) as f:
+        lines = f.read().split("\n")[:-1]  # the text after the last newline is unfinished or empty
+    try:
+        return [json.loads(line) for line in lines if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON lines ({e})") from None
+
+
+def save(fig, path):
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: the same records, the same file
 
 
 def finite(v):
@@ -101,15 +116,17 @@ def plot_runs(run_dirs, path):
             ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})  # no version stamp: the same records, the same file
+    save(fig, path)
     return fig
 
 
-SWEEP_RUN = re.compile(r"^(.+)_x([0-9.]+)_s(\d+)$")  # sweep.py's run folders: variant_xMULT_sSEED
+SWEEP_RUN = re.compile(r"^(.+)_x([0-9.e+-]+)_s(\d+)$")  # sweep.py's run folders: variant_xMULT_sSEED
 
 
 def read_sweep(sweep_dir):
     """{variant: {mult: [(final val loss or None if failed, max rho, max state RMS) per seed]}}."""
+    if not os.path.isdir(sweep_dir):
+        raise ValueError(f"{sweep_dir} is not a folder: give the out_dir of a sweep.py run (out/sweep by default)")
     table = {}
     for name in sorted(os.listdir(sweep_dir)):
         m = SWEEP_RUN.match(name)
@@ -118,15 +135,14 @@ def read_sweep(sweep_dir):
             continue
         with open(os.path.join(run_dir, "status.json")) as f:
             ok = json.load(f).get("returncode") == 0
-        records = []
-        if os.path.isfile(os.path.join(run_dir, "log.jsonl")):
-            with open(os.path.join(run_dir, "log.jsonl")) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+        log = os.path.join(run_dir, "log.jsonl")
+        records = read_jsonl(log) if os.path.isfile(log) else []
         vals = [r["val"] for r in records if "val" in r and r["iter"] > 0]
         final = vals[-1][min(vals[-1], key=int)] if vals and ok else None  # at mu_rec: the first depth evaluated
         steps = [r for r in records if "loss" in r]
-        rho = max((r["rho"] for r in steps if "rho" in r), default=None)
-        rms = max((r["state_rms"] for r in steps if finite(r.get("state_rms"))), default=None)
+        # the largest value logged; inf if any was not finite (a run that blew up), None if none was logged
+        rho, rms = ([r[k] for r in steps if r.get(k) is not None] for k in ("rho", "state_rms"))
+        rho, rms = (max(v) if all(map(finite, v)) else math.inf if v else None for v in (rho, rms))
         table.setdefault(m[1], {}).setdefault(float(m[2]), []).append((final if finite(final) else None, rho, rms))
     if not table:
         raise ValueError(f"{sweep_dir} holds no finished sweep.py runs (folders variant_xM_sS with a status.json)")
@@ -141,10 +157,10 @@ def plot_sweep(sweep_dir, path):
     for v, (variant, by_mult) in enumerate(table.items()):
         mults = sorted(by_mult)
         for ax, k in zip(axes, range(3)):
-            xs, mean, lo, hi, failed = [], [], [], [], []
+            xs, mean, lo, hi, failed = [], [], [], [], []  # failed: no final loss, or a value past any scale
             for m in mults:
-                ys = [r[k] for r in by_mult[m] if r[k] is not None]
-                failed += [m] * (len(by_mult[m]) - len(ys)) if k == 0 else []
+                ys = [r[k] for r in by_mult[m] if finite(r[k])]
+                failed += [m] * sum(r[k] is None and k == 0 or r[k] == math.inf for r in by_mult[m])
                 if ys:
                     xs.append(m)
                     mean.append(sum(ys) / len(ys))
@@ -155,7 +171,8 @@ def plot_sweep(sweep_dir, path):
             if failed:
                 ax.plot(failed, [1.0] * len(failed), "x", ms=9, color=line[0].get_color(),
                         transform=ax.get_xaxis_transform(), clip_on=False)
-    for ax, title in zip(axes, ("final val loss at mu_rec (x: a failed run)", "largest rho logged", "largest state RMS logged")):
+    for ax, title in zip(axes, ("final val loss at mu_rec (x: stopped, or not finite)", "largest rho logged (x: not finite)",
+                                "largest state RMS logged (x: not finite)")):
         ax.set(title=title, xlabel="learning-rate multiplier")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
@@ -164,7 +181,7 @@ def plot_sweep(sweep_dir, path):
     axes[2].set_yscale("log")
     fig.suptitle(f"Stability sweep: {sweep_dir}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
+    save(fig, path)
     return fig
 
 
@@ -179,8 +196,6 @@ def main(argv):
         raise ValueError("plot.py needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")  # no display needed
     path = out or os.path.join(sweep or run_dirs[0], "plot.png")
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
     fig = plot_sweep(sweep, path) if sweep else plot_runs(run_dirs, path)
     print(f"wrote {path} ({len(fig.axes)} panels)")
 

@@ -528,18 +528,32 @@ def ouro(**kw):
 
 
 def test_exit_distribution_check_values():
-    lam = torch.full((4, 1, 1), 0.5, dtype=torch.float64)
-    p = exit_distribution(lam)
+    z = torch.zeros(4, 1, 1, dtype=torch.float64)  # lambda = 1/2
+    p = exit_distribution(z)
     assert torch.allclose(p.flatten(), torch.tensor([0.5, 0.25, 0.125, 0.125], dtype=torch.float64))
     assert -torch.xlogy(p, p).sum().item() == pytest.approx(1.2130, abs=5e-5)
     assert (p.flatten() * torch.arange(1, 5)).sum().item() == pytest.approx(1.875)
-    lam2 = lam.clone()
-    lam2[-1] = 0.93  # lambda_{T_max} is never used
-    assert torch.equal(exit_distribution(lam2), p)
-    lam = torch.rand(6, 3, 5, dtype=torch.float64)
-    p = exit_distribution(lam)
+    z2 = z.clone()
+    z2[-1] = 2.6  # lambda_{T_max} is never used
+    assert torch.equal(exit_distribution(z2), p)
+    z = torch.randn(6, 3, 5, dtype=torch.float64) * 3
+    lam = torch.sigmoid(z)
+    p = exit_distribution(z)
     assert (p >= 0).all() and torch.allclose(p.sum(0), torch.ones(3, 5, dtype=torch.float64))
     assert torch.allclose(survival(lam)[2], (1 - lam[0]) * (1 - lam[1]) * (1 - lam[2]))
+    S = survival(lam)  # p(t) = lambda_t S_t-1, written with products
+    assert torch.allclose(p[1], lam[1] * S[0]) and torch.allclose(p[-1], S[-2])
+
+
+def test_a_saturated_gate_gives_finite_gradients():
+    # in fp32 sigmoid(+-20) is exactly 1 or 0: an objective written with log(lambda) or p log p would be NaN
+    ce = torch.rand(4, 2, 3) * 3
+    for value in (-25.0, 25.0):
+        z = torch.randn(4, 2, 3).mul(3).requires_grad_()
+        with torch.no_grad():
+            z[:, 0] = value
+        (exit_objective(ce, z, 0.1).sum() + gate_loss(ce, z).sum()).backward()
+        assert torch.isfinite(z.grad).all(), value
 
 
 def by_hand(model, idx, targets, beta):
@@ -578,9 +592,9 @@ def test_stage_one_objective_equals_a_hand_computation(beta):
     want = by_hand(model, idx, targets, beta)
     if beta == 0:  # the objective at beta = 0 is the expected cross-entropy
         model(idx, targets, num_loops=4)
-        ce, lam = model.last_exit
-        got0 = exit_objective(ce, lam, 0.0)[targets != -1].mean()
-        assert torch.allclose(got0, (exit_distribution(lam) * ce).sum(0)[targets != -1].mean())
+        ce, z = model.last_exit
+        got0 = exit_objective(ce, z, 0.0)[targets != -1].mean()
+        assert torch.allclose(got0, (exit_distribution(z) * ce).sum(0)[targets != -1].mean())
         assert torch.allclose(got0, want, atol=1e-10)
         return
     _, loss = model(idx, targets, exit_beta=beta)
@@ -635,15 +649,15 @@ def test_stage_two_target_floor_and_torch_reference():
     T = 4
     ce = torch.rand(T, 3, 5, dtype=torch.float64) * 3
     ce[:, 0] = 2.0  # a stalled row: I_t = 0 at every step
-    lam = torch.rand(T, 3, 5, dtype=torch.float64).clamp(0.01, 0.99).requires_grad_()
+    z = torch.randn(T, 3, 5, dtype=torch.float64) * 2
     w = torch.sigmoid(50 * ((ce[:-1] - ce[1:]).clamp(min=0) - 0.005))
-    want = F.binary_cross_entropy(1 - lam[1:], w, reduction="none").sum(0) / T  # the paper's 1/T_max
-    assert torch.allclose(gate_loss(ce, lam), want)
+    want = F.binary_cross_entropy(1 - torch.sigmoid(z[1:]), w, reduction="none").sum(0) / T  # the paper's 1/T_max
+    assert torch.allclose(gate_loss(ce, z), want)
     assert w[:, 0].unique().item() == pytest.approx(0.4378, abs=5e-5)
     # the floor: a stalled token's loss is least where its exit probability lambda is 1 - 0.4378 = 0.562
     grid = torch.linspace(0.01, 0.99, 9801, dtype=torch.float64)
-    lam_s = grid.view(1, -1, 1).expand(T, -1, 1)
-    best = grid[gate_loss(torch.full((T, 9801, 1), 2.0, dtype=torch.float64), lam_s).flatten().argmin()]
+    z_s = torch.logit(grid).view(1, -1, 1).expand(T, -1, 1)
+    best = grid[gate_loss(torch.full((T, 9801, 1), 2.0, dtype=torch.float64), z_s).flatten().argmin()]
     assert best.item() == pytest.approx(0.562, abs=2e-4)
 
 
@@ -670,7 +684,7 @@ def test_q_exit_step_equals_the_gates_cdf_by_hand():
     model = gated_for_decoding()
     idx = torch.randint(0, 64, (6, 8))
     model(idx, torch.zeros_like(idx), num_loops=6)  # every step run: lambda_t of the last token of each row
-    S = survival(model.last_exit[1][:, :, -1])  # (6 steps, 6 rows)
+    S = survival(torch.sigmoid(model.last_exit[1][:, :, -1]))  # (6 steps, 6 rows)
     for q in (0.3, 0.6, 0.9):
         cache = model.new_cache(6)
         model.forward_cached(idx[:, :-1], cache, 6)

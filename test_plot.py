@@ -66,27 +66,33 @@ def test_a_run_without_evaluations(tmp_path):
 def fake_sweep(root):
     for variant, mult, seed, val, rho, ok in [("parcae", 1, 1, 6.5, 0.5, True), ("parcae", 1, 2, 6.7, 0.6, True),
                                               ("parcae", 2, 1, 6.4, 0.55, True), ("rdm", 1, 1, 7.0, 1.2, True),
-                                              ("rdm", 2, 1, float("nan"), 3.0, False)]:
+                                              ("rdm", 2, 1, float("nan"), 3.0, False), ("naive", 8, 1, 9.0, 1.0, True)]:
         d = root / f"{variant}_x{mult:g}_s{seed}"
         d.mkdir()
         (d / "status.json").write_text(json.dumps({"returncode": 0 if ok else 1}))
         with open(d / "log.jsonl", "w") as f:
-            f.write(json.dumps({"iter": 1, "loss": 7.0, "rho": rho, "state_rms": 10 * rho}) + "\n")
-            f.write(json.dumps({"iter": 1, "val": {"4": val, "8": val + 0.1}}) + "\n")
+            rms = float("inf") if variant == "naive" else 10 * rho  # a state that blew up
+            f.write(json.dumps({"iter": 1, "loss": 7.0, "rho": rho, "state_rms": rms}) + "\n")
+            f.write(json.dumps({"iter": 1, "val": {"16": val + 0.1, "4": val}}) + "\n")  # mu_rec: the smallest depth
+            f.write('{"iter": 2, "loss": 6.')  # a line still being written is left out
 
 
 def test_the_sweep_figure(tmp_path):
     fake_sweep(tmp_path)
     table = plot.read_sweep(str(tmp_path))
     assert table["parcae"][1.0] == [(6.5, 0.5, 5.0), (6.7, 0.6, 6.0)] and table["rdm"][2.0] == [(None, 3.0, 30.0)]
+    assert table["naive"][8.0] == [(9.0, 1.0, float("inf"))]
     path = str(tmp_path / "s.png")
     fig = plot.plot_sweep(str(tmp_path), path)
     assert len(fig.axes) == 3 and png_size(path) == (1500, 450)
     assert fig.axes[2].get_yscale() == "log"
+    marks = [line for line in fig.axes[2].lines if line.get_marker() == "x"]  # the blown-up state, at the top
+    assert [tuple(line.get_xdata()) for line in marks] == [(8.0,)]
 
 
 @pytest.mark.parametrize("args,words", [(["{empty}"], "has no log.jsonl"), ([], "one of the two"),
                                         (["--sweep={empty}"], "no finished sweep.py runs"),
+                                        (["--sweep={empty}/nowhere"], "is not a folder"),
                                         (["{empty}", "--colour=red"], "unknown config key 'colour'")])
 def test_bad_input_is_one_line(tmp_path, args, words):
     args = [a.replace("{empty}", str(tmp_path)) for a in args]

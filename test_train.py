@@ -543,6 +543,7 @@ def test_ouro_stage_one_then_stage_two_then_q_exit(tmp_path, data):
     (["--backprop_depth=2"], "backprop_depth >= mean_recurrence"),
     (["--train_gate=True"], "--init_from=resume"),
     (["--exit_beta=-1.0"], "exit_beta must be >= 0"),
+    (["--mean_recurrence=1", "--backprop_depth=1"], "mean_recurrence >= 2"),
     (["--depth_sampling=sequence"], "depth_sampling"),
 ])
 def test_ouro_settings_that_cannot_work_are_one_line_errors(tmp_path, data, args, words):

@@ -123,8 +123,6 @@ except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
-if wandb_log and importlib.util.find_spec("wandb") is None:  # said before anything is loaded
-    raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb")
 if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
 if not all(type(T) is int and T >= 1 for T in eval_loops):
@@ -151,7 +149,7 @@ if init_from == "resume" or eval_only:  # checked before anything else is loaded
         raise SystemExit(f"error: {e}") from None
     # the run's own settings (data_dir, batch sizes ...) outrank the config file; the command line outranks both
     saved = {k: v for k, v in ckpt.get("config", {}).items() if k in settings and k not in cli_keys
-             and k not in ("init_from", "eval_only", "overwrite", "out_dir")}
+             and k not in ("init_from", "eval_only", "overwrite", "out_dir", "wandb_log", "wandb_project", "wandb_run_name")}
     from_ckpt = {k: v for k, v in saved.items() if v != settings[k]}
     globals().update(saved)
     settings.update(saved)
@@ -176,6 +174,8 @@ if not eval_only:  # Ouro's stages: what each needs, said before anything is bui
     why = next((w for bad, w in (
         (exit_beta < 0, f"exit_beta must be >= 0, got {exit_beta}"),
         (exit_beta > 0 and not exit_gate, "exit_beta > 0 (Stage I) trains an exit gate: set exit_gate=True"),
+        (exit_beta > 0 and mean_recurrence < 2, "Stage I (exit_beta > 0) learns when to stop among T_max = "
+         "mean_recurrence >= 2 steps; at 1 there is nothing to learn"),
         (exit_beta > 0 and backprop_depth < mean_recurrence,
          f"Stage I (exit_beta > 0) backpropagates through every step: set backprop_depth >= mean_recurrence "
          f"= {mean_recurrence}, got {backprop_depth}"),
@@ -188,6 +188,8 @@ if not eval_only:  # Ouro's stages: what each needs, said before anything is bui
          f"exit_thresholds must be values q in [0, 1], got {exit_thresholds!r}")) if bad), None)
     if why:
         raise SystemExit(f"error: {why}")
+if wandb_log and importlib.util.find_spec("wandb") is None:  # said before anything is loaded or written
+    raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 
 # distributed setup: one process per device, launched by torchrun
@@ -395,16 +397,16 @@ def lr_mult(it):
 token_bytes = None if task else torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
 
 
-def q_exit_sums(ce, lam, valid):
+def q_exit_sums(ce, z, valid):
     """Sums over the valid tokens of one batch, every T_max step run: for each q in exit_thresholds, the CE at
     the token's Q-exit step m (the first with 1 - S_m >= q, else T_max) and m; then H(p), E[t], the tokens."""
-    S, sums = survival(lam), []
+    S, sums = survival(torch.sigmoid(z)), []
     for q in exit_thresholds:
         hit = torch.cat([1 - S[:-1] >= q, torch.ones_like(valid)[None]])  # a token still in at T_max leaves there
         m = hit.int().argmax(0)  # the first step that reaches q
         sums += [ce.gather(0, m[None])[0][valid].sum(), (m + 1)[valid].sum()]
     count = valid.sum()
-    return torch.stack([*sums, *(exit_summary(ce, lam, valid)[-2:] * count), count]).double()
+    return torch.stack([*sums, *(exit_summary(ce, z, valid)[-2:] * count), count]).double()
 
 
 @torch.no_grad()
@@ -545,7 +547,9 @@ if master:
         # steps logged after the last checkpoint (then Ctrl-C or a crash) are run again now: drop the old ones
         with open(log_path) as f:
             lines = f.readlines()
-        keep = [l for l in lines if json.loads(l).get("iter", 0) <= iter_num]
+        # (and the record of a run that started at iter_num but never saved: it made nothing that is kept)
+        keep = [l for l in lines if (r := json.loads(l)).get("iter", 0) < iter_num
+                or (r.get("iter", 0) == iter_num and "run" not in r)]
         if len(keep) < len(lines):
             with open(log_path + ".tmp", "w") as f:
                 f.writelines(keep)
