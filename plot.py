@@ -142,7 +142,7 @@ def read_sweep(sweep_dir):
         steps = [r for r in records if "loss" in r]
         # the largest value logged; inf if any was not finite (a run that blew up), None if none was logged
         rho, rms = ([r[k] for r in steps if r.get(k) is not None] for k in ("rho", "state_rms"))
-        rho, rms = (max(v) if all(map(finite, v)) else math.inf if v else None for v in (rho, rms))
+        rho, rms = (None if not v else max(v) if all(map(finite, v)) else math.inf for v in (rho, rms))
         table.setdefault(m[1], {}).setdefault(float(m[2]), []).append((final if finite(final) else None, rho, rms))
     if not table:
         raise ValueError(f"{sweep_dir} holds no finished sweep.py runs (folders variant_xM_sS with a status.json)")

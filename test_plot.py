@@ -66,13 +66,16 @@ def test_a_run_without_evaluations(tmp_path):
 def fake_sweep(root):
     for variant, mult, seed, val, rho, ok in [("parcae", 1, 1, 6.5, 0.5, True), ("parcae", 1, 2, 6.7, 0.6, True),
                                               ("parcae", 2, 1, 6.4, 0.55, True), ("rdm", 1, 1, 7.0, 1.2, True),
-                                              ("rdm", 2, 1, float("nan"), 3.0, False), ("naive", 8, 1, 9.0, 1.0, True)]:
+                                              ("rdm", 2, 1, float("nan"), 3.0, False), ("naive", 8, 1, 9.0, 1.0, True), ("gpt", 1, 1, 6.6, None, True)]:
         d = root / f"{variant}_x{mult:g}_s{seed}"
         d.mkdir()
         (d / "status.json").write_text(json.dumps({"returncode": 0 if ok else 1}))
         with open(d / "log.jsonl", "w") as f:
-            rms = float("inf") if variant == "naive" else 10 * rho  # a state that blew up
-            f.write(json.dumps({"iter": 1, "loss": 7.0, "rho": rho, "state_rms": rms}) + "\n")
+            rms = float("inf") if variant == "naive" else 10 * (rho or 0.1)  # naive: a state that blew up
+            step = {"iter": 1, "loss": 7.0, "rho": rho, "state_rms": rms}
+            if variant == "gpt":  # the fixed-depth baseline logs no rho
+                del step["rho"]
+            f.write(json.dumps(step) + "\n")
             f.write(json.dumps({"iter": 1, "val": {"16": val + 0.1, "4": val}}) + "\n")  # mu_rec: the smallest depth
             f.write('{"iter": 2, "loss": 6.')  # a line still being written is left out
 
@@ -81,7 +84,7 @@ def test_the_sweep_figure(tmp_path):
     fake_sweep(tmp_path)
     table = plot.read_sweep(str(tmp_path))
     assert table["parcae"][1.0] == [(6.5, 0.5, 5.0), (6.7, 0.6, 6.0)] and table["rdm"][2.0] == [(None, 3.0, 30.0)]
-    assert table["naive"][8.0] == [(9.0, 1.0, float("inf"))]
+    assert table["naive"][8.0] == [(9.0, 1.0, float("inf"))] and table["gpt"][1.0][0][1] is None
     path = str(tmp_path / "s.png")
     fig = plot.plot_sweep(str(tmp_path), path)
     assert len(fig.axes) == 3 and png_size(path) == (1500, 450)
