@@ -19,7 +19,7 @@ Settings below can be overridden by a config file and then by --key=value:
     python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
 Ouro's two stages (README "Ouro"): Stage I trains everything on the exit objective, Stage II the gate alone:
     python train.py config/ouro_tiny.py
-    python train.py config/ouro_tiny.py --init_from=resume --train_gate=True --max_iters=400
+    python train.py config/ouro_tiny.py --init_from=resume --train_gate=True --max_iters=300
 Training appends its records to out_dir/log.jsonl; an --eval_only=True run appends to out_dir/eval_only.jsonl.
 """
 import sys
@@ -313,10 +313,10 @@ if not task and block_size > model.config.block_size:
 model.to(device)
 raw_model = model
 gate_start = 0  # the iter Stage II began at: its lr schedule runs from there to max_iters
+ckpt_gate = ckpt is not None and ckpt.get("config", {}).get("train_gate", False)  # the checkpoint is a Stage II run
 if train_gate and not eval_only:
     if not model.config.exit_gate:
         raise SystemExit(f"error: train_gate=True trains an exit gate; the model in {ckpt_path} has none (exit_gate=False)")
-    ckpt_gate = ckpt.get("config", {}).get("train_gate", False)  # resuming Stage II itself, or starting it
     gate_start = ckpt.get("gate_start", iter_num) if ckpt_gate else iter_num
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("exit_gate."))  # every other weight stays bit-identical
@@ -326,7 +326,7 @@ if train_gate and not eval_only:
         f"gate's {sum(p.numel() for p in model.exit_gate.parameters())} parameters, its lr schedule over iters "
         f"{gate_start}-{max_iters}; every other weight frozen")
 else:
-    if ckpt is not None and not eval_only and ckpt.get("config", {}).get("train_gate", False):
+    if ckpt_gate and not eval_only:
         raise SystemExit(f"error: {ckpt_path} is a Stage II run (train_gate=True): its optimizer state is the gate's "
                          f"alone; continue it with --train_gate=True, or resume its Stage I checkpoint")
     optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
