@@ -131,13 +131,14 @@ class Attention(nn.Module):
         q = apply_rope(F.rms_norm(q, (self.head_dim,), eps=QK_EPS), cos, sin)
         k = apply_rope(F.rms_norm(k, (self.head_dim,), eps=QK_EPS), cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, hd)
-        past = 0 if cache is None else len(cache)
+        fresh = cache is None or cache.k is None  # a Python bool, not a size: under compile a size is symbolic
         if cache is not None:
             k, v = cache(k, v, store)
         mask = None  # causal: a fresh sequence, or one new token that sees everything cached
-        if past and L > 1:
+        if not fresh and L > 1:
+            past = k.size(2) - L
             mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=past == 0,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.o(y.transpose(1, 2).reshape(B, L, C))
 
@@ -330,7 +331,7 @@ class GPT(nn.Module):
         if self.config.injection == "add":
             return h + e
         if self.config.injection == "concat":
-            return self.W(torch.cat([h, e], dim=-1))
+            return self.W(torch.cat([h, e], dim=-1)).type_as(h)  # the state stays fp32 under bf16 autocast
         # Parcae: zero-order-hold discretisation of dh/dt = -A h + B e; decay in (0, 1) for ANY A_log, dt_bias
         dt = F.softplus(self.dt_bias)
         decay = torch.exp(-dt * self.A_log.exp())
@@ -343,7 +344,7 @@ class GPT(nn.Module):
         return x if self.ln_loop is None else self.ln_loop(x)  # Ouro: the state is normed at every step
 
     def _coda(self, h, cos, sin, caches=None, store=True):
-        y = self.C(h) if self.config.injection == "diagonal" else h  # Out(h)
+        y = self.C(h).type_as(h) if self.config.injection == "diagonal" else h  # Out(h), fp32 like h under autocast
         for i, block in enumerate(self.coda):
             y = block(y, cos, sin, None if caches is None else caches[i], store)
         return self.ln_f(y)
@@ -450,11 +451,13 @@ class GPT(nn.Module):
         return logits, loss
 
     def compile_blocks(self):
-        """torch.compile block by block, so a new loop depth reuses the same graphs. The core runs on a batch
-        that shrinks as sequences finish their loops: a symbolic batch size gives one graph for every size."""
-        for block in (*self.prelude, *self.coda):
-            block.compile()
-        for block in self.core:
+        """torch.compile block by block, so a new loop depth reuses the same graphs. With symbolic sizes one graph
+        serves every block, batch size (the core's batch shrinks as rows finish their loops) and length. What
+        still makes a new graph is a short list (test_compile.py counts them): gradient on or off, a batch or
+        length of 1 (specialised), a KV cache empty or filled, storing or not. All are Block.forward's,
+        and dynamo's default of 8 graphs per function would send the rest to eager, silently but for a warning."""
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        for block in (*self.prelude, *self.core, *self.coda):
             block.compile(dynamic=True)
 
     # --- cost and optimizers ----------------------------------------------------------------
