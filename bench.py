@@ -28,7 +28,7 @@ from dataclasses import fields
 
 import torch
 
-from configurator import check_device, configure
+from configurator import check_device, configure, datasheet_peak
 from model import GPT, GPTConfig
 
 
@@ -192,7 +192,12 @@ try:
     GPTConfig(**model_args)
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}")
-peak, peak_how = measure_peak() if matmul_peak else (peak_flops, "the peak_flops setting")
+if matmul_peak:
+    peak, peak_how = measure_peak()
+elif peak_flops or not cuda:
+    peak, peak_how = peak_flops, "the peak_flops setting"
+else:
+    peak, peak_how = datasheet_peak(torch.cuda.get_device_name(device), dtype), "the datasheet's"
 print(f"{config_name}: injection {injection}, mean_recurrence {mean_recurrence}, backprop_depth {backprop_depth}, "
       f"depth_sampling {depth_sampling}, compile {compile}")
 print(f"peak {peak / 1e12:.3g} TFLOP/s ({peak_how})" if peak else "peak unknown: MFU n/a (set --peak_flops)")
@@ -211,3 +216,5 @@ if not cuda:
 if inference:
     print(f"\ninference: batch 1, prompt {prompt_len} tokens, {decode_tokens} decoded tokens, greedy")
     print_table(bench_inference(model))
+if compile:  # flat in the number of steps and tokens, or something recompiles (test_compile.py)
+    print(f"\ntorch.compile: {torch._dynamo.utils.counters['stats']['unique_graphs']} graphs compiled in this process")

@@ -199,6 +199,21 @@ def check_device(device, dtype):
     return device, kind, dtype
 
 
+# Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets, by a part of torch.cuda.get_device_name(); the
+# first match wins, so the PCIe and NVL parts come before the SXM ones that share their name. A large bf16 matmul
+# measures about 80% of these (788 of 989 TFLOP/s on an H200 here): bench.py measures its peak, train.py's MFU is
+# against these, as nanoGPT's is.
+DATASHEET_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("GH200", 989e12),
+                       ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12))
+
+
+def datasheet_peak(device_name, dtype):
+    """The datasheet peak for a GPU's name in bf16 or fp16, else 0.0 (MFU n/a: fp32 runs no such peak)."""
+    if dtype not in ("bfloat16", "float16"):
+        return 0.0
+    return next((peak for part, peak in DATASHEET_BF16_PEAK if part in device_name), 0.0)
+
+
 def load_checkpoint(path, need=(), text=False):
     """The checked dict of a train.py checkpoint (on the CPU). Anything wrong with the file is a ValueError
     with a one-line message naming it; keys model_args lacks are settings added later (their defaults).

@@ -440,9 +440,10 @@ class GPT(nn.Module):
         if per_step:
             ce, z = (torch.stack(t) for t in zip(*per_step))  # (T, B, L) each
             self.last_exit = (ce.detach(), z.detach())
-            if exit_beta or train_gate:  # mean over the tokens that have a target
+            if exit_beta or train_gate:  # mean over the tokens that have a target (a product: a mask index waits for the GPU)
                 obj = gate_loss(ce.detach(), z) if train_gate else exit_objective(ce, z, exit_beta)
-                return None, obj[targets != -1].mean()
+                valid = targets != -1
+                return None, (obj * valid).sum() / valid.sum()
         y = self._coda(h, cos, sin)  # (B, L, C)
         if targets is None:
             return self.head(y[:, [-1], :]), None  # (B, 1, V)

@@ -11,7 +11,8 @@ Sample from a trained looped transformer (out_dir/ckpt.pt, written by train.py).
 num_loops is the test-time depth: how many times the shared core runs per token (0 = the
 depth the model was trained at, its mean_recurrence). With an exit criterion each generated
 token may leave the loop earlier; prompt tokens always run num_loops steps. After each sample
-a line reports the depth, the mean loop steps per generated token and the KV cache size.
+a line reports the depth, the mean loop steps per generated token and the KV cache size (with
+--compile=True, the graphs compiled so far: flat after the first sample, or something recompiles).
 
 The prompt is GPT-2 BPE; <|endoftext|> in it is the document separator, and an empty prompt
 starts from <|endoftext|> alone. A prompt longer than the model's block_size is cropped from
@@ -123,5 +124,6 @@ for _ in range(num_samples):
     print(detokenize(y[0].tolist()))
     kv = (f"kv cache {stats['cache_bytes']:,} bytes ({stats['cache_bytes'] / 2**20:.2f} MiB, {cache})"
           if use_cache else "kv cache off")
-    print(f"[loop depth {depth}, mean loop steps per generated token {stats['mean_steps']:.2f}, {kv}]")
+    graphs = f", {torch._dynamo.utils.counters['stats']['unique_graphs']} graphs compiled" if compile else ""
+    print(f"[loop depth {depth}, mean loop steps per generated token {stats['mean_steps']:.2f}, {kv}{graphs}]")
     print("---------------")

@@ -8,6 +8,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import cuda_only
 from model import GPT, GPTConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -114,6 +115,24 @@ def test_bench_runs_end_to_end_on_cpu():
     assert set(rows) == {(str(t), m) for t in (1, 4, 8) for m in ("full", "last", "none")}
     assert rows[("8", "none")][-1] == "-"
     assert float(rows[("8", "full")][-1]) > float(rows[("8", "last")][-1]) > 0  # one cache per step vs one
+
+
+@cuda_only
+def test_bench_reports_each_models_own_peak_cuda_memory():
+    # torch.cuda.max_memory_allocated, reset before each model is built: the checkpointed loop keeps one step's
+    # activations instead of backprop_depth steps', and the table must show it
+    peak, params = {}, None
+    for ckpt in (False, True):
+        r = run_bench("config/tiny.py", "--device=cuda", "--steps=2", "--warmup=1", "--inference=False",
+                      "--batch_size=16", "--block_size=256", "--mean_recurrence=8", "--backprop_depth=8",
+                      "--depth_sampling=fixed", f"--loop_checkpoint={ckpt}", "--compile=False")
+        assert r.returncode == 0, r.stderr
+        lines = r.stdout.splitlines()
+        row = lines[next(i for i, l in enumerate(lines) if l.startswith("config ")) + 1].split()
+        assert row[-2] == "MiB", row  # "1,234 MiB": the GPU's allocator, not the process's RSS
+        peak[ckpt], params = float(row[-3].replace(",", "")), float(row[-1].rstrip("M")) * 1e6
+    assert peak[True] < peak[False], peak
+    assert peak[True] > 12 * params / 2**20, (peak, params)  # at least weights, gradients and optimizer state
 
 
 @pytest.mark.parametrize("arg,why", [("--no_such_key=1", "unknown config key 'no_such_key'"),

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import DEVICES, cuda_only
 from model import GPT, GPTConfig, Block
 
 INJECTIONS = ["add", "concat", "diagonal"]
@@ -206,13 +207,15 @@ def test_no_grad_steps_build_no_graph():
 
 
 # exact compaction: only the rows still looping run, and that changes nothing ------------------------------
+@pytest.mark.parametrize("device", DEVICES)  # on CUDA the row order goes to the GPU pinned and non-blocking
 @pytest.mark.parametrize("injection", INJECTIONS)
-def test_compacted_batch_equals_each_row_alone(injection):
+def test_compacted_batch_equals_each_row_alone(injection, device):
     model = randomized(tiny(injection, mean_recurrence=4, backprop_depth=3), seed=3, dtype=torch.float64).train()
+    model.to(device)
     torch.manual_seed(4)
     B, T = 10, 12
-    idx = torch.randint(0, 64, (B, T))
-    h0 = torch.randn(B, T, 32, dtype=torch.float64) * 0.1
+    idx = torch.randint(0, 64, (B, T)).to(device)
+    h0 = (torch.randn(B, T, 32, dtype=torch.float64) * 0.1).to(device)
     depths = torch.tensor([3, 1, 7, 3, 1, 5, 2, 9, 4, 7])  # unsorted, repeated, depth 1, deeper than backprop_depth
     model.zero_grad()
     logits, loss = model(idx, idx, num_loops=depths, h0=h0)
@@ -231,6 +234,32 @@ def test_compacted_batch_equals_each_row_alone(injection):
             total[name] += g
     for name in total:
         assert torch.allclose(batch[name], total[name], rtol=1e-7, atol=1e-12), name
+
+
+@pytest.mark.parametrize("kw", [dict(injection="diagonal"), dict(injection="concat", loop_checkpoint=True),
+                                dict(injection="none", n_prelude=0, prelude_norm=False, loop_norm=True, exit_gate=True,
+                                     depth_sampling="fixed", backprop_depth=4)])
+@cuda_only
+def test_a_training_step_never_waits_for_the_gpu(kw):
+    # Depths are drawn and sorted on the CPU; the row order reaches the GPU pinned and non-blocking. A forward and
+    # backward that synchronised (an .item(), a boolean mask, a blocking copy) would stall the GPU every micro-step.
+    model = GPT(tiny(**kw)).cuda().train()
+    idx = torch.randint(0, 64, (8, 16), device="cuda")
+    beta = 0.1 if model.config.exit_gate else 0.0
+
+    def step():
+        _, loss = model(idx, idx, exit_beta=beta)
+        loss.backward()
+    step()  # first calls may synchronise once (lazy initialisation)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    if not model.config.exit_gate:
+        assert (model.last_depths[0] + model.last_depths[1]).unique().numel() > 1  # rows of several depths ran
 
 
 @pytest.mark.parametrize("injection", INJECTIONS)
@@ -330,25 +359,27 @@ def test_qk_norm_uses_rms_norms_default_eps():
 
 
 # loop telemetry ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
-def test_loop_telemetry_on_a_known_trajectory(training):
+def test_loop_telemetry_on_a_known_trajectory(training, device):
     # identity blocks (zero-init output projections), add injection and h0 = 0 give h_t = t e exactly:
     # the state RMS per token is T * rms(e) and the last step's relative residual |e| / |T e| = 1/T
-    model = GPT(tiny("add", prelude_norm=True, backprop_depth=2)).double().train(training)
-    idx = torch.randint(0, 64, (4, 8))
+    model = GPT(tiny("add", prelude_norm=True, backprop_depth=2)).double().train(training).to(device)
+    idx = torch.randint(0, 64, (4, 8), device=device)
     depths = torch.tensor([1, 5, 2, 7])
-    h0 = torch.zeros(4, 8, 32, dtype=torch.float64)
+    h0 = torch.zeros(4, 8, 32, dtype=torch.float64, device=device)
     model(idx, idx, num_loops=depths, h0=h0)
     rms, residual = model.last_state
     e = model._prelude(idx, model.cos[:8], model.sin[:8])
     rms_e = e.pow(2).mean(-1).sqrt().mean(-1)  # (B,) ~1 after the prelude RMSNorm
     assert rms.dtype == residual.dtype == torch.float32  # telemetry is fp32, whatever the model runs in
-    assert torch.allclose(rms.double(), depths * rms_e, rtol=1e-6)
-    assert torch.allclose(residual.double(), 1 / depths.double(), rtol=1e-6)
+    assert rms.device == e.device  # computed where the state is: no copy to the host every step
+    assert torch.allclose(rms.double(), depths.to(device) * rms_e, rtol=1e-6)
+    assert torch.allclose(residual.double(), 1 / depths.double().to(device), rtol=1e-6)
     assert model.last_rows_run == int(depths.sum())
     # an exploding state is reported, not lost to fp32 overflow when squared: h_1 = h0 + e with h0 = 1e30
-    model.float()(idx, idx, num_loops=1, h0=torch.full((4, 8, 32), 1e30))
-    assert torch.allclose(model.last_state[0], torch.full((4,), 1e30), rtol=1e-5)
+    model.float()(idx, idx, num_loops=1, h0=torch.full((4, 8, 32), 1e30, device=device))
+    assert torch.allclose(model.last_state[0], torch.full((4,), 1e30, device=device), rtol=1e-5)
 
 # 5. depth sampler ----------------------------------------------------------------------------
 def test_sequence_sampler_mean_and_grad_steps():
@@ -419,11 +450,14 @@ def test_loop_stats_add_and_concat():
 
 
 # 7. KV cache -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("injection", INJECTIONS)
 @pytest.mark.parametrize("num_loops", [1, 4])
-def test_kv_cache_greedy_matches_recompute(injection, num_loops):
-    model = randomized(tiny(injection, block_size=24)).eval()
-    prompt = torch.randint(0, 64, (2, 5))
+def test_kv_cache_greedy_matches_recompute(injection, num_loops, device):
+    # in fp64: greedy tokens must be equal, and on a GPU fp32 kernels for 1 and L queries round differently
+    dtype = torch.float64 if device == "cuda" else torch.float32
+    model = randomized(tiny(injection, block_size=24), dtype=dtype).to(device).eval()
+    prompt = torch.randint(0, 64, (2, 5)).to(device)
     a = model.generate(prompt, 12, temperature=0, num_loops=num_loops, use_cache=True)
     b = model.generate(prompt, 12, temperature=0, num_loops=num_loops, use_cache=False)
     assert torch.equal(a, b)
@@ -432,10 +466,12 @@ def test_kv_cache_greedy_matches_recompute(injection, num_loops):
     assert torch.equal(c, d)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("injection", INJECTIONS)
-def test_last_step_cache_equals_full_at_one_loop(injection):
-    model = randomized(tiny(injection)).eval()
-    prompt = torch.randint(0, 64, (2, 4))
+def test_last_step_cache_equals_full_at_one_loop(injection, device):
+    dtype = torch.float64 if device == "cuda" else torch.float32
+    model = randomized(tiny(injection), dtype=dtype).to(device).eval()
+    prompt = torch.randint(0, 64, (2, 4)).to(device)
     a, sa = model.generate(prompt, 10, temperature=0, num_loops=1, return_stats=True)
     b, sb = model.generate(prompt, 10, temperature=0, num_loops=1, cache="last", return_stats=True)
     assert torch.equal(a, b) and sa["cache_bytes"] == sb["cache_bytes"]

@@ -42,7 +42,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from configurator import check_device, configure, fit_saturating_exp, load_checkpoint, model_from_checkpoint, run_record
+from configurator import (check_device, configure, datasheet_peak, fit_saturating_exp, load_checkpoint,
+                          model_from_checkpoint, run_record)
 import tasks
 from model import GPT, GPTConfig, exit_summary, survival
 from prepare_fineweb import open_shard, read_batch, token_byte_lengths
@@ -110,7 +111,7 @@ max_bad_steps = 10               # stop after this many non-finite steps in a ro
 device = "auto"                  # "auto", "cpu", "cuda", "cuda:1", "mps" ...
 dtype = "auto"                   # "auto" (bf16 on CUDA, fp32 elsewhere), "bfloat16", "float32", "float16"
 compile = None                   # torch.compile each block; None = on for CUDA, off otherwise
-peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = guess from the GPU name
+peak_flops = 0.0                 # device peak FLOP/s for MFU; 0 = the GPU's datasheet bf16 peak (configurator.py)
 seed = 1337                      # each rank adds its rank
 # Weights & Biases (optional: pip install wandb); the records of log.jsonl go there too, from rank 0
 wandb_log = False                # log to wandb (WANDB_MODE=offline works without network)
@@ -360,7 +361,7 @@ if not eval_loops:
 if cfg.exit_gate and not task and cfg.mean_recurrence not in eval_loops:  # the Q-exit table is read at T_max
     eval_loops = tuple(sorted({*eval_loops, cfg.mean_recurrence}))
 if not peak_flops and device_type == "cuda":
-    peak_flops = 989e12 if "H100" in torch.cuda.get_device_name() else 0.0  # H100 SXM dense bf16 datasheet
+    peak_flops = datasheet_peak(torch.cuda.get_device_name(device), dtype)
 if eval_only:  # what the numbers are of: the checkpoint, the depths and how much data
     data = (f"{task_eval_rows} rows in each of the id and long sets, batches of {TASK_EVAL_BATCH}" if task else
             f"the first {val_seqs * block_size:,} val tokens in {data_dir}, batches of {batch_size}")
@@ -617,6 +618,8 @@ while True:
     step_loss = torch.zeros((), device=device)
     for micro in range(grad_accum):
         x, y = next_batch()
+        if device_type == "cuda":  # page-locked memory: the copy is then asynchronous, behind the running kernels
+            x, y = x.pin_memory(), y.pin_memory()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         sync = nullcontext() if not ddp or micro == grad_accum - 1 else model.no_sync()
         with sync:
@@ -660,16 +663,19 @@ while True:
                "ms": dt * 1000, "tok_s": total_batch_size / dt, "mfu": mfu,
                "padded": work[2].item() / work[1].item(), **loop, "state_rms": state_rms, "residual": residual}
         rho = f"rho {loop['rho']:.4f}" if loop else "no loop"  # the fixed-depth baseline has none
-        exits = ""
+        extra = ""  # what only some runs log
+        if compile:  # graphs compiled so far: flat after the first steps, unless something recompiles
+            rec["compiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            extra = f", {rec['compiles']} graphs compiled"
         if cfg.exit_gate:  # the objective is logged as loss; beside it, the last micro-batch's per-step CE, H(p), E[t]
             *ce_steps, rec["exit_entropy"], rec["exit_step"] = exit_summary(*raw_model.last_exit, y != -1).tolist()
             rec["ce_steps"] = ce_steps
-            exits = (f", CE by step {'/'.join(f'{c:.3f}' for c in ce_steps)}, H(p) {rec['exit_entropy']:.3f}, "
+            extra += (f", CE by step {'/'.join(f'{c:.3f}' for c in ce_steps)}, H(p) {rec['exit_entropy']:.3f}, "
                      f"E[t] {rec['exit_step']:.2f}")
         log(f"iter {iter_num}: {'gate loss' if train_gate else 'loss'} {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, "
             f"grad norm {rec['grad_norm']:.3f}, {rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, "
             f"MFU {f'{100 * mfu:.1f}%' if peak_flops else 'n/a'}, padded x{rec['padded']:.2f}, {rho}, "
-            f"state rms {state_rms:.3g}, residual {residual:.3g}{exits}")
+            f"state rms {state_rms:.3g}, residual {residual:.3g}{extra}")
         write_log(rec)
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
         loss_sum, loss_steps = torch.zeros((), device=device), 0
