@@ -1,7 +1,7 @@
-"""Tests of configurator.py's parsing of settings (no torch, no subprocess).   python -m pytest -q test_configurator.py"""
+"""Tests of configurator.py's parsing of settings and its tables (no torch, no subprocess).   python -m pytest -q test_configurator.py"""
 import pytest
 
-from configurator import configure
+from configurator import configure, datasheet_peak
 
 
 def settings(**kw):
@@ -80,3 +80,12 @@ def test_a_script_without_config_files_points_at_out_dir(tmp_path):
         with pytest.raises(ValueError) as e:
             configure(settings(), [str(arg)], config_files=False)
         assert str(e.value) == f"{want}{run}"
+
+
+@pytest.mark.parametrize("name,dtype,peak", [("NVIDIA H200", "bfloat16", 989e12), ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),
+                                             ("NVIDIA H100 PCIe", "float16", 756e12), ("NVIDIA H200 NVL", "bfloat16", 835e12),
+                                             ("NVIDIA GH200 480GB", "bfloat16", 989e12), ("NVIDIA H200", "float32", 0.0),
+                                             ("NVIDIA GeForce RTX 3090", "bfloat16", 0.0)])
+def test_datasheet_peak_knows_the_h200_and_the_variants_first(name, dtype, peak):
+    # it knew only "H100" before: an H200 run logged MFU n/a; a PCIe part must not get the SXM number
+    assert datasheet_peak(name, dtype) == peak
