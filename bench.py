@@ -199,7 +199,7 @@ elif peak_flops or not cuda:
 else:
     peak, peak_how = datasheet_peak(torch.cuda.get_device_name(device), dtype), "the datasheet's"
 print(f"{config_name}: injection {injection}, mean_recurrence {mean_recurrence}, backprop_depth {backprop_depth}, "
-      f"depth_sampling {depth_sampling}, compile {compile}")
+      f"depth_sampling {depth_sampling}, loop_checkpoint {loop_checkpoint}, compile {compile}")
 print(f"peak {peak / 1e12:.3g} TFLOP/s ({peak_how})" if peak else "peak unknown: MFU n/a (set --peak_flops)")
 print(f"\ntraining: {warmup} warmup + {steps} timed steps of one micro-batch (no gradient accumulation)")
 if compare:  # the baseline first: on CPU the RSS column can only grow
