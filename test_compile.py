@@ -91,7 +91,8 @@ def test_compiled_cached_decoding_matches_eager(device):
             idx = logits_e.argmax(-1, keepdim=True)
             seen.append(graphs())
         assert seen[4] == seen[-1], (mode, criterion, seen)  # 11 more tokens, no new graph
-    assert graphs() <= 12 and not counters["graph_break"], (graphs(), dict(counters["graph_break"]))
+    # a fresh or a filled cache, one token or several, storing or not: 6 measured
+    assert graphs() <= 8 and not counters["graph_break"], (graphs(), dict(counters["graph_break"]))
 
 
 # bf16 autocast -------------------------------------------------------------------------------------------------
@@ -167,8 +168,10 @@ def test_compiled_bf16_run_tracks_fp32_eager(runs):
 def test_compiled_run_compiles_a_bounded_number_of_graphs(runs):
     log, r, _ = runs["compiled"]
     counts = [rec["compiles"] for rec in log if "loss" in rec]
-    # gradient on and off, a batch of one or more: a handful of graphs, all made in the first steps
-    assert 0 < counts[0] and counts[3] == counts[-1] <= 6, counts
+    # gradient on and off, a batch of one or more: at most 4 graphs, whatever the number of steps. This seed's run
+    # makes 3 in its first step and no more (a single row in the gradient phase, the 4th, is rare: iter 35 of 50
+    # in one run of config/tiny.py)
+    assert 0 < counts[0] and counts[3] == counts[-1] <= 4, counts
     assert "recompile_limit" not in r.stderr and "graphs compiled" in r.stdout
     assert all("compiles" not in rec for rec in runs["eager"][0])
 
@@ -182,5 +185,5 @@ def test_sample_compiled_decodes_without_falling_back(runs):
     stats = [line for line in r.stdout.splitlines() if line.startswith("[loop depth")]
     assert len(stats) == 2 and all("graphs compiled" in s for s in stats), r.stdout
     counts = [int(s.rsplit(", ", 1)[1].split()[0]) for s in stats]
-    assert counts[0] == counts[1] <= 12, stats  # 80 tokens, each at a new cache length: no graph per token
+    assert counts[0] == counts[1] <= 8, stats  # 80 tokens, each at a new cache length: no graph per token
     assert "recompile_limit" not in r.stderr, r.stderr

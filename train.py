@@ -664,7 +664,7 @@ while True:
                "padded": work[2].item() / work[1].item(), **loop, "state_rms": state_rms, "residual": residual}
         rho = f"rho {loop['rho']:.4f}" if loop else "no loop"  # the fixed-depth baseline has none
         extra = ""  # what only some runs log
-        if compile:  # graphs compiled so far: flat after the first steps, unless something recompiles
+        if compile:  # graphs so far: at most 4 (gradient on/off x a batch of one or more); more means recompiles
             rec["compiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             extra = f", {rec['compiles']} graphs compiled"
         if cfg.exit_gate:  # the objective is logged as loss; beside it, the last micro-batch's per-step CE, H(p), E[t]
