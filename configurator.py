@@ -201,8 +201,8 @@ def check_device(device, dtype):
 
 # Dense bf16 tensor-core peaks (FLOP/s) from NVIDIA's datasheets, by a part of torch.cuda.get_device_name(); the
 # first match wins, so the PCIe and NVL parts come before the SXM ones that share their name. A large bf16 matmul
-# measures about 80% of these (788 of 989 TFLOP/s on an H200 here): bench.py measures its peak, train.py's MFU is
-# against these, as nanoGPT's is.
+# reaches about 80% of these (about 790 of 989 TFLOP/s on an H100 or H200): bench.py measures its peak, train.py's
+# MFU is against these, as nanoGPT's is.
 DATASHEET_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("GH200", 989e12),
                        ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12))
 

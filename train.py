@@ -671,7 +671,7 @@ while True:
             *ce_steps, rec["exit_entropy"], rec["exit_step"] = exit_summary(*raw_model.last_exit, y != -1).tolist()
             rec["ce_steps"] = ce_steps
             extra += (f", CE by step {'/'.join(f'{c:.3f}' for c in ce_steps)}, H(p) {rec['exit_entropy']:.3f}, "
-                     f"E[t] {rec['exit_step']:.2f}")
+                      f"E[t] {rec['exit_step']:.2f}")
         log(f"iter {iter_num}: {'gate loss' if train_gate else 'loss'} {rec['loss']:.4f}, lr x{rec['lr_mult']:.3f}, "
             f"grad norm {rec['grad_norm']:.3f}, {rec['ms']:.0f} ms, {rec['tok_s']:,.0f} tok/s, "
             f"MFU {f'{100 * mfu:.1f}%' if peak_flops else 'n/a'}, padded x{rec['padded']:.2f}, {rho}, "
