@@ -1,5 +1,6 @@
 """Tests of the FLOP count behind MFU, and of bench.py end to end (CPU).   python -m pytest -q test_bench.py"""
 import os
+import re
 import subprocess
 import sys
 
@@ -142,3 +143,14 @@ def test_bench_bad_setting_is_one_line_error(arg, why):
     r = run_bench("config/tiny.py", "--device=cpu", arg)
     assert r.returncode != 0
     assert why in r.stderr and "Traceback" not in r.stderr
+
+
+def test_gpu_check_script_parses_and_names_real_configs():
+    # .ci/gpu runs once, on a lent GPU, with no second chance inside the call: a typo there would cost the call
+    r = subprocess.run(["bash", "-n", ".ci/gpu"], cwd=HERE, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(HERE, ".ci", "gpu")) as f:
+        names = re.findall(r"config/\w+\.py|test_\w+\.py", f.read())
+    assert len(names) >= 8, names
+    for name in names:
+        assert os.path.exists(os.path.join(HERE, name)), name
