@@ -204,7 +204,7 @@ def check_device(device, dtype):
 # reaches about 80% of these (about 790 of 989 TFLOP/s on an H100 or H200): bench.py measures its peak, train.py's
 # MFU is against these, as nanoGPT's is.
 DATASHEET_BF16_PEAK = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("GH200", 989e12),
-                       ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("B200", 2250e12))
+                       ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("GB200", 2500e12), ("B200", 2250e12))
 
 
 def datasheet_peak(device_name, dtype):

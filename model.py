@@ -331,7 +331,7 @@ class GPT(nn.Module):
         if self.config.injection == "add":
             return h + e
         if self.config.injection == "concat":
-            return self.W(torch.cat([h, e], dim=-1)).type_as(h)  # the state stays fp32 under bf16 autocast
+            return self.W(torch.cat([h, e], dim=-1)).type_as(h)  # bf16 W's output, but fp32 for the core's adds
         # Parcae: zero-order-hold discretisation of dh/dt = -A h + B e; decay in (0, 1) for ANY A_log, dt_bias
         dt = F.softplus(self.dt_bias)
         decay = torch.exp(-dt * self.A_log.exp())

@@ -464,6 +464,19 @@ def test_kv_cache_greedy_matches_recompute(injection, num_loops, device):
     assert torch.equal(c, d)
 
 
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_prefill_in_two_chunks_equals_one(injection):
+    # a chunk of several tokens on a filled cache attends to the cache and causally within itself (an explicit
+    # mask): a token that saw a later one would pass that on, through its K/V at the next loop steps, to the last
+    model = randomized(tiny(injection, block_size=24), dtype=torch.float64).eval()
+    prompt = torch.randint(0, 64, (2, 12))
+    one, _ = model.forward_cached(prompt, model.new_cache(4), 4)
+    cache = model.new_cache(4)
+    model.forward_cached(prompt[:, :5], cache, 4)
+    two, _ = model.forward_cached(prompt[:, 5:], cache, 4)
+    assert torch.allclose(one, two, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("injection", INJECTIONS)
 def test_last_step_cache_equals_full_at_one_loop(injection, device):
