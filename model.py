@@ -263,7 +263,7 @@ class GPT(nn.Module):
         self.last_depths = None  # (n, k) per sequence of the latest forward, for MFU and padded-work stats
         self.last_rows_run = 0   # row-steps the core actually ran in the latest forward (= sum of T_i)
         self.last_state = None   # per sequence (B,): RMS of h_T per token, and |h_T - h_T-1| / |h_T| per token
-        self.last_exit = None    # gated models, given targets: per token, CE_t and the gate's logit z_t (T, B, L), detached
+        self.last_exit = None    # gated models given targets (training, or every_step): CE_t and the gate logit z_t (T, B, L)
         self.init_weights()
 
     @torch.no_grad()
@@ -403,9 +403,10 @@ class GPT(nn.Module):
                 self.last_rows_run += m
         return h, rms, residual
 
-    def forward(self, idx, targets=None, num_loops=None, h0=None, exit_beta=0.0, train_gate=False):
+    def forward(self, idx, targets=None, num_loops=None, h0=None, exit_beta=0.0, train_gate=False, every_step=None):
         """Logits and the last step's cross-entropy. A gated model given targets reads out every step too
-        (last_exit); its loss is then Stage I's objective if exit_beta > 0, Stage II's if train_gate."""
+        (last_exit): in training, or in eval with every_step=True (each readout costs a coda and a head). Its
+        loss is then Stage I's objective if exit_beta > 0, Stage II's if train_gate."""
         B, L = idx.shape  # L tokens per row (T is the loop depth)
         if L > self.config.block_size:
             raise ValueError(f"sequence of length {L} is longer than block_size={self.config.block_size}")
@@ -422,7 +423,10 @@ class GPT(nn.Module):
         self.last_depths, self.last_rows_run = (n, k), 0
         order = deepest_first(n + k)
         per_step, readout = [], None  # a gated model's (CE_t, z_t) after every step t
-        if self.config.exit_gate and targets is not None:
+        self.last_exit = None
+        if every_step is None:
+            every_step = self.training or bool(exit_beta) or train_gate
+        if self.config.exit_gate and targets is not None and every_step:
             if order is not None or (exit_beta and n.any()):
                 raise ValueError("an exit gate's objective needs every row at one depth, each step with gradient")
 

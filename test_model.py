@@ -727,10 +727,24 @@ def gated_for_decoding(seed=0):
     return model
 
 
+def test_a_gated_model_in_eval_reads_out_every_step_only_when_asked():
+    # eval.py, tasks.py and train.py's evaluation at depths other than T_max want the last step's loss alone:
+    # T readouts (a coda and a head each) would be wasted there
+    model = randomized(ouro(n_coda=1), dtype=torch.float64).eval()
+    codas = []
+    model.ln_f.register_forward_hook(lambda *_: codas.append(1))
+    idx, targets = torch.randint(0, 64, (2, 9)), torch.randint(0, 64, (2, 9))
+    logits, loss = model(idx, targets, num_loops=4)
+    assert model.last_exit is None and len(codas) == 1
+    logits_all, loss_all = model(idx, targets, num_loops=4, every_step=True)
+    assert model.last_exit[0].shape == (4, 2, 9) and len(codas) == 1 + 4 + 1
+    assert torch.equal(logits, logits_all) and torch.equal(loss, loss_all)
+
+
 def test_q_exit_step_equals_the_gates_cdf_by_hand():
     model = gated_for_decoding()
     idx = torch.randint(0, 64, (6, 8))
-    model(idx, torch.zeros_like(idx), num_loops=6)  # every step run: lambda_t of the last token of each row
+    model(idx, torch.zeros_like(idx), num_loops=6, every_step=True)  # lambda_t of the last token of each row
     S = survival(torch.sigmoid(model.last_exit[1][:, :, -1]))  # (6 steps, 6 rows)
     for q in (0.3, 0.6, 0.9):
         cache = model.new_cache(6)

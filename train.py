@@ -427,7 +427,8 @@ def evaluate():
             buf = torch.from_numpy(val[b * block_size:b * block_size + n + 1].astype(np.int64)).to(device)
             y = buf[1:].view(batch_size, block_size)
             with ctx:
-                logits, loss = raw_model(buf[:-1].view(batch_size, block_size), y, num_loops=T)
+                logits, loss = raw_model(buf[:-1].view(batch_size, block_size), y, num_loops=T,
+                                         every_step=T == cfg.mean_recurrence)  # a gate's Q-exit table: at T_max only
             total += torch.stack([loss.float(), torch.ones((), device=device), *(t.mean() for t in raw_model.last_state)])
             if cfg.exit_gate and T == cfg.mean_recurrence:  # the gate's distribution over the T_max steps
                 exit_sums += q_exit_sums(*raw_model.last_exit, y >= 0)
