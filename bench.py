@@ -192,12 +192,10 @@ try:
     GPTConfig(**model_args)
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}")
-if matmul_peak:
-    peak, peak_how = measure_peak()
-elif peak_flops or not cuda:
-    peak, peak_how = peak_flops, "the peak_flops setting"
-else:
-    peak, peak_how = datasheet_peak(torch.cuda.get_device_name(device), dtype), "the datasheet's"
+peak_how = "the peak_flops setting"
+if not peak_flops and cuda:  # as train.py does
+    peak_flops, peak_how = datasheet_peak(torch.cuda.get_device_name(device), dtype), "the datasheet's"
+peak, peak_how = measure_peak() if matmul_peak else (peak_flops, peak_how)
 print(f"{config_name}: injection {injection}, mean_recurrence {mean_recurrence}, backprop_depth {backprop_depth}, "
       f"depth_sampling {depth_sampling}, loop_checkpoint {loop_checkpoint}, compile {compile}")
 print(f"peak {peak / 1e12:.3g} TFLOP/s ({peak_how})" if peak else "peak unknown: MFU n/a (set --peak_flops)")
@@ -217,4 +215,4 @@ if inference:
     print(f"\ninference: batch 1, prompt {prompt_len} tokens, {decode_tokens} decoded tokens, greedy")
     print_table(bench_inference(model))
 if compile:  # flat in the number of steps and tokens, or something recompiles (test_compile.py)
-    print(f"\ntorch.compile: {torch._dynamo.utils.counters['stats']['unique_graphs']} graphs compiled in this process")
+    print(f"\ntorch.compile: {model.compiled_graphs()} graphs compiled in this process")

@@ -465,6 +465,11 @@ class GPT(nn.Module):
         for block in (*self.prelude, *self.core, *self.coda):
             block.compile(dynamic=True)
 
+    @staticmethod
+    def compiled_graphs():
+        """Graphs torch.compile has made in this process so far: flat once every variant above has run."""
+        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
     # --- cost and optimizers ----------------------------------------------------------------
     def estimate_flops(self, seq_len, n, k, backward=True):
         """Matmul FLOPs of one forward (+ backward) where sequence i runs n[i] loop steps without and

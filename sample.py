@@ -124,6 +124,6 @@ for _ in range(num_samples):
     print(detokenize(y[0].tolist()))
     kv = (f"kv cache {stats['cache_bytes']:,} bytes ({stats['cache_bytes'] / 2**20:.2f} MiB, {cache})"
           if use_cache else "kv cache off")
-    graphs = f", {torch._dynamo.utils.counters['stats']['unique_graphs']} graphs compiled" if compile else ""
+    graphs = f", {model.compiled_graphs()} graphs compiled" if compile else ""
     print(f"[loop depth {depth}, mean loop steps per generated token {stats['mean_steps']:.2f}, {kv}{graphs}]")
     print("---------------")

@@ -666,7 +666,7 @@ while True:
         rho = f"rho {loop['rho']:.4f}" if loop else "no loop"  # the fixed-depth baseline has none
         extra = ""  # what only some runs log
         if compile:  # graphs so far: at most 4 (gradient on/off x a batch of one or more); more means recompiles
-            rec["compiles"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            rec["compiles"] = raw_model.compiled_graphs()
             extra = f", {rec['compiles']} graphs compiled"
         if cfg.exit_gate:  # the objective is logged as loss; beside it, the last micro-batch's per-step CE, H(p), E[t]
             *ce_steps, rec["exit_entropy"], rec["exit_step"] = exit_summary(*raw_model.last_exit, y != -1).tolist()
