@@ -39,7 +39,6 @@ from torch.utils.checkpoint import checkpoint
 
 import decode
 
-NORM_EPS = 1e-5
 QK_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 inputs CUDA autocast gives it (Parcae)
 
 
@@ -58,13 +57,16 @@ class GPTConfig:
     mean_recurrence: int = 8       # mu_rec: mean loop depth in training, the depth at eval
     backprop_depth: int = 4        # mu_bwd: gradient flows through the last min(T, mu_bwd) steps
     depth_sampling: str = "sequence"  # "sequence" (Parcae) | "batch" (Huginn) | "fixed"
-    state_init: str = "random"     # "random" (training only; zero in eval) | "zero"
+    state_init: str = "random"     # h0 in training: "random" (TruncN(0, sqrt(2/(5d)), +-3 std), Parcae), "normal" (0.02 N(0, 1), LoopLM), "zero"
+    eval_state: str = "zero"       # h0 in eval and sampling: "zero" (deterministic) or "random" (drawn as in training, as the releases do)
     rope_base: float = 10000.0     # rotary embedding base
     mlp: str = "relu2"             # "relu2" (ReLU², Parcae) | "swiglu" (SiLU-gated, three matrices, LoopLM)
     mlp_hidden: int = 0            # MLP hidden size; 0 = 4 * n_embd, allowed for relu2 only
     loop_checkpoint: bool = False  # recompute each gradient loop step in backward: memory flat in backprop_depth
     loop_norm: bool = False        # RMSNorm after every loop step, its output the next step's input (Ouro)
     exit_gate: bool = False        # Ouro's exit gate: every step is read out, lambda_t per token
+    norm_eps: float = 1e-5         # eps of every RMSNorm with a gain (LoopLM: 1e-6)
+    qk_norm: str = "plain"         # "plain": QK-norm without parameters (Parcae) | "gain": learnable per-head-dim gains (LoopLM)
 
     def __post_init__(self):
         def bad(field, why):
@@ -80,7 +82,8 @@ class GPTConfig:
             bad("n_embd", "head size n_embd // n_head must be even for rotary embeddings")
         if self.n_head % self.n_kv_head:
             bad("n_head", f"must be divisible by n_kv_head={self.n_kv_head}")
-        for f, allowed in (("injection", ("add", "concat", "diagonal", "none")), ("state_init", ("random", "zero")),
+        for f, allowed in (("injection", ("add", "concat", "diagonal", "none")), ("state_init", ("random", "normal", "zero")),
+                           ("eval_state", ("zero", "random")), ("qk_norm", ("plain", "gain")),
                            ("depth_sampling", ("sequence", "batch", "fixed")), ("mlp", ("relu2", "swiglu"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"must be one of {allowed}")
@@ -89,20 +92,29 @@ class GPTConfig:
         for f in ("prelude_norm", "loop_checkpoint", "loop_norm", "exit_gate"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be True or False")
-        if not self.rope_base > 0:
-            bad("rope_base", "must be > 0")
+        for f in ("rope_base", "norm_eps"):
+            if not (isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0):
+                bad(f, "must be > 0")
         if self.exit_gate and self.depth_sampling != "fixed":  # p(t) is over steps 1..T_max of one depth
             bad("depth_sampling", "must be 'fixed' with exit_gate=True: every row runs the same T_max steps")
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim):
+    def __init__(self, dim, eps):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
 
     def forward(self, x):
         # statistics in the gain's precision (fp32), even when x is bf16 under autocast
-        return F.rms_norm(x.to(self.weight.dtype), (x.size(-1),), self.weight, NORM_EPS).type_as(x)
+        return F.rms_norm(x.to(self.weight.dtype), (x.size(-1),), self.weight, self.eps).type_as(x)
+
+
+def rope_tables(cfg):
+    """cos, sin (block_size, hd/2) of the rotary angles pos * base^(-2i/hd), rotate-half layout."""
+    hd = cfg.n_embd // cfg.n_head
+    inv_freq = cfg.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):  # x (B, L, H, hd), cos/sin (L, hd/2); rotate-half layout
@@ -121,15 +133,20 @@ class Attention(nn.Module):
         self.k = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm == "gain":  # LoopLM: a learnable gain per head dimension, shared by the heads
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
 
     def forward(self, x, cos, sin, cache=None, store=True):
         B, L, C = x.shape  # L tokens (T is the loop depth)
         q = self.q(x).view(B, L, self.n_head, self.head_dim)
         k = self.k(x).view(B, L, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, L, self.n_kv_head, self.head_dim)
-        # QK-norm without parameters keeps attention logits bounded however the loop state grows
-        q = apply_rope(F.rms_norm(q, (self.head_dim,), eps=QK_EPS), cos, sin)
-        k = apply_rope(F.rms_norm(k, (self.head_dim,), eps=QK_EPS), cos, sin)
+        if self.q_norm is None:  # QK-norm without parameters keeps attention logits bounded however the state grows
+            q, k = (F.rms_norm(t, (self.head_dim,), eps=QK_EPS) for t in (q, k))
+        else:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # QK-norm before RoPE (RoPE keeps the norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, hd)
         fresh = cache is None or cache.k is None  # a Python bool, not a size: under compile a size is symbolic
         if cache is not None:
@@ -160,8 +177,8 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.ln_1, self.attn = RMSNorm(cfg.n_embd), Attention(cfg)
-        self.ln_2, self.mlp = RMSNorm(cfg.n_embd), MLP(cfg)
+        self.ln_1, self.attn = RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg)
+        self.ln_2, self.mlp = RMSNorm(cfg.n_embd, cfg.norm_eps), MLP(cfg)
 
     def forward(self, x, cos, sin, cache=None, store=True):
         x = x + self.attn(self.ln_1(x), cos, sin, cache, store)
@@ -240,11 +257,11 @@ class GPT(nn.Module):
         d = cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, d)  # tied with the output head
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
-        self.ln_prelude = RMSNorm(d) if cfg.prelude_norm else None
+        self.ln_prelude = RMSNorm(d, cfg.norm_eps) if cfg.prelude_norm else None
         self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
-        self.ln_f = RMSNorm(d)
-        self.ln_loop = RMSNorm(d) if cfg.loop_norm else None
+        self.ln_f = RMSNorm(d, cfg.norm_eps)
+        self.ln_loop = RMSNorm(d, cfg.norm_eps) if cfg.loop_norm else None
         if cfg.exit_gate:
             self.exit_gate = nn.Linear(d, 1)  # lambda_t = sigmoid(w . y_t + b), the same for every step
         # the injection's own parameters (the docstring lists every place an injection adds code)
@@ -255,11 +272,9 @@ class GPT(nn.Module):
             self.dt_bias = nn.Parameter(torch.zeros(d))
             self.B = nn.Linear(d, d, bias=False)
             self.C = nn.Linear(d, d, bias=False)  # Out: the loop's output projection
-        hd = d // cfg.n_head
-        inv_freq = cfg.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
-        angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
-        self.register_buffer("cos", angles.cos(), persistent=False)  # (block_size, hd/2)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        cos, sin = rope_tables(cfg)
+        self.register_buffer("cos", cos, persistent=False)  # (block_size, hd/2)
+        self.register_buffer("sin", sin, persistent=False)
         self.last_depths = None  # (n, k) per sequence of the latest forward, for MFU and padded-work stats
         self.last_rows_run = 0   # row-steps the core actually ran in the latest forward (= sum of T_i)
         self.last_state = None   # per sequence (B,): RMS of h_T per token, and |h_T - h_T-1| / |h_T| per token
@@ -320,10 +335,13 @@ class GPT(nn.Module):
     def initial_state(self, e):
         if self.config.injection == "none":
             return e  # nothing is re-injected: the loop starts from the input itself
-        if self.config.state_init == "random" and self.training:
+        how = self.config.state_init if self.training or self.config.eval_state == "random" else "zero"
+        if how == "random":
             std = self.init_std
             return nn.init.trunc_normal_(torch.empty_like(e), 0.0, std, -3 * std, 3 * std)
-        return torch.zeros_like(e)  # eval: the mean of that distribution, so eval is deterministic
+        if how == "normal":
+            return 0.02 * torch.randn_like(e)
+        return torch.zeros_like(e)  # eval: the mean of either distribution, so eval is deterministic
 
     def inject(self, h, e):
         if self.config.injection == "none":

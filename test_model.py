@@ -356,6 +356,54 @@ def test_qk_norm_uses_rms_norms_default_eps():
     assert not torch.allclose(out, reference(1e-5), atol=1e-3)
 
 
+def test_qk_norm_gain_and_norm_eps_are_loopLMs():
+    """qk_norm="gain": RMSNorm(head_dim) with a learnable gain, eps norm_eps, before RoPE (LoopLM's order); every
+    block norm takes norm_eps too. The defaults leave every existing model as it was: no new parameters."""
+    torch.manual_seed(0)
+    cfg = tiny(qk_norm="gain", norm_eps=1e-6)
+    model = GPT(cfg)
+    plain = GPT(tiny())
+    n_blocks = cfg.n_prelude + cfg.n_core + cfg.n_coda
+    assert model.get_num_params() - plain.get_num_params() == n_blocks * 2 * (cfg.n_embd // cfg.n_head)
+    assert not any("q_norm" in k for k in plain.state_dict()) and plain.ln_f.eps == 1e-5
+    assert all(m.eps == 1e-6 for m in model.modules() if hasattr(m, "eps"))
+    attn = model.core[0].attn
+    with torch.no_grad():
+        attn.q_norm.weight.uniform_(0.5, 1.5), attn.k_norm.weight.uniform_(0.5, 1.5), attn.o.weight.normal_(0, 0.1)
+    x, cos, sin = torch.randn(2, 16, 32), model.cos[:16], model.sin[:16]
+    hd = attn.head_dim
+    from model import apply_rope
+    q, k = attn.q(x).view(2, 16, 4, hd), attn.k(x).view(2, 16, 2, hd)
+    q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.q_norm.weight
+    k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + 1e-6) * attn.k_norm.weight
+    q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2).repeat_interleave(2, dim=1)
+    v = attn.v(x).view(2, 16, 2, hd).transpose(1, 2).repeat_interleave(2, dim=1)
+    att = (q @ k.transpose(-1, -2) / hd ** 0.5).masked_fill(torch.ones(16, 16).triu(1).bool(), float("-inf"))
+    ref = attn.o((att.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, 32))
+    assert torch.allclose(attn(x, cos, sin), ref, atol=1e-5)
+    with torch.no_grad():
+        attn.q_norm.weight.fill_(1.0)  # the gains matter: at 1 the output moves
+    assert not torch.allclose(attn(x, cos, sin), ref, atol=1e-3)
+
+
+def test_initial_state_draws_in_training_and_where_eval_state_asks():
+    torch.manual_seed(0)
+    e = torch.zeros(4, 64, 256)
+    for init, std in (("random", math.sqrt(2 / (5 * 256))), ("normal", 0.02)):
+        model = GPT(tiny(state_init=init, n_embd=256))
+        h = model.initial_state(e)  # training
+        assert abs(h.std().item() - std) < 0.03 * std
+        if init == "random":
+            assert h.abs().max() <= 3 * std + 1e-7  # truncated at 3 std
+        model.eval()
+        assert not model.initial_state(e).any()  # eval: zero, deterministic
+        model.config.eval_state = "random"
+        h1, h2 = model.initial_state(e), model.initial_state(e)
+        assert abs(h1.std().item() - std) < 0.03 * std and not torch.equal(h1, h2)  # a fresh draw every forward
+    zero = GPT(tiny(state_init="zero", eval_state="random"))
+    assert not zero.initial_state(e[..., :32]).any()
+
+
 # loop telemetry ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
@@ -549,6 +597,7 @@ def test_overfits_single_batch(injection):
     (dict(depth_sampling="token"), "depth_sampling"), (dict(state_init="ones"), "state_init"),
     (dict(n_core=0), "n_core"), (dict(n_prelude=-1), "n_prelude"), (dict(mean_recurrence=2.5), "mean_recurrence"),
     (dict(mlp="gelu"), "mlp="), (dict(mlp="swiglu"), "mlp_hidden="), (dict(mlp_hidden=-1), "mlp_hidden="),
+    (dict(norm_eps=0.0), "norm_eps"), (dict(qk_norm="learned"), "qk_norm"), (dict(eval_state="normal"), "eval_state"),
 ])
 def test_invalid_config_raises(kw, field):
     with pytest.raises(ValueError, match=field):
