@@ -6,6 +6,8 @@ No data files needed: the batches are random tokens.
     python bench.py config/parcae_135m.py --compare        # also the fixed-depth baseline with the same blocks
     python bench.py config/tiny.py --steps=20 --infer_loops=1,4,16 --decode_tokens=32
     python bench.py config/parcae_135m.py --cpu_full=True  # the config's real shapes on CPU (slow)
+    python bench.py --init_from=looplm-135m-naive          # a released model (pretrained.py): its load, then
+                                                           # prefill and decode at its depth, cache on and off
 
 Takes the same config files and --key=value settings as train.py (its defaults are read from train.py),
 plus the bench settings below. The training step is the micro-batch step of train.py: forward with
@@ -28,6 +30,7 @@ from dataclasses import fields
 
 import torch
 
+import pretrained
 from configurator import check_device, configure, datasheet_peak
 from model import GPT, GPTConfig
 
@@ -47,7 +50,7 @@ cpu_full = False          # on CPU keep the config's shapes instead of shrinking
 bools = {k for k, v in globals().items() if isinstance(v, bool)}
 argv = [a + "=True" if a.startswith("--") and a[2:] in bools else a for a in sys.argv[1:]]  # bare --compare
 try:
-    configure(globals(), argv)
+    cli_keys = configure(globals(), argv)
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}")
 config_name = next((os.path.splitext(os.path.basename(a))[0] for a in argv if not a.startswith("--")), "defaults")
@@ -62,7 +65,10 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-if device_type == "cpu" and not cpu_full:
+release = init_from not in ("scratch", "resume")  # a released model: inference at its own shapes
+if init_from == "resume":
+    raise SystemExit("bench.py: init_from=resume is not benchmarked: use a config's shapes, or --init_from=<release>")
+if device_type == "cpu" and not cpu_full and not release:
     # keep the config's injection and depth settings, make the blocks small enough to run in seconds
     on_cli = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
     small = dict(n_embd=128, n_head=4, n_prelude=1, n_core=1, n_coda=1, block_size=128, batch_size=4, vocab_size=4096)
@@ -103,11 +109,15 @@ def measure_peak():
     return 2 * n ** 3 * iters / (clock() - t0), f"{str(pdtype)[6:]} {n}x{n} matmul, measured"
 
 
+def peak_rss():
+    """The whole process's peak resident memory so far, in bytes (it cannot be reset)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def peak_memory():
     if cuda:
         return f"{torch.cuda.max_memory_allocated() / 2**20:,.0f} MiB"
-    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // (1024 if sys.platform == "darwin" else 1)
-    return f"{kib / 1024:,.0f} MiB RSS"  # the whole process's peak so far: it cannot be reset
+    return f"{peak_rss() / 2**20:,.0f} MiB RSS"
 
 
 def build(args):
@@ -174,20 +184,44 @@ def bench_decode(model, loops, mode, prompt):
     return times[0], sum(times[1:]) / decode_tokens, cache
 
 
-def bench_inference(model):
+def bench_inference(model, loops_list):
     model.eval()
-    prompt = torch.randint(0, vocab_size, (1, prompt_len), device=device)
+    prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
     rows = []
-    for loops in infer_loops:
+    for loops in loops_list:
         for mode in ("full", "last", "none"):
             bench_decode(model, loops, mode, prompt)  # untimed round: compilation, first-call costs
             prefill, decode, cache = bench_decode(model, loops, mode, prompt)
             rows.append({"num_loops": str(loops), "cache": mode, "prefill ms": f"{1000 * prefill:.1f}",
+                         "prefill tokens/s": f"{prompt_len / prefill:,.0f}",
                          "decode ms/token": f"{1000 * decode:.2f}", "tokens/s": f"{1 / decode:,.1f}",
                          "cache MiB": "-" if cache is None else f"{GPT.cache_nbytes(cache) / 2**20:.2f}"})
     return rows
 
 
+def bench_release():
+    """Load a release (time, and peak memory against its file's size), then inference at its depth."""
+    rss0, t0 = peak_rss(), time.perf_counter()
+    try:
+        r = pretrained.Release(init_from)
+        model = r.model(device)
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {' '.join(str(e).split())}")
+    dt, size = clock() - t0, os.path.getsize(r.files.weights)
+    print(f"{init_from}: {r.family}, {model.get_num_params() / 1e6:.2f}M parameters, {r.files.weights} "
+          f"{size / 2**20:,.1f} MiB ({r.dtype}), loaded as float32 on {device} in {dt:.2f} s")
+    if not cuda:
+        rss1 = peak_rss()
+        print(f"peak RSS {rss0 / 2**20:,.0f} MiB before the load (Python and torch), {rss1 / 2**20:,.0f} MiB after: "
+              f"x{rss1 / size:.2f} the file's size (x{(rss1 - rss0) / size:.2f} for the load itself)")
+    loops = infer_loops if "infer_loops" in cli_keys else (r.config.mean_recurrence,)  # default: its own depth
+    print(f"\ninference: batch 1, prompt {prompt_len} tokens, {decode_tokens} decoded tokens, greedy")
+    print_table(bench_inference(model, loops))
+
+
+if release:
+    bench_release()
+    raise SystemExit(0)
 try:
     GPTConfig(**model_args)
 except ValueError as e:
@@ -213,6 +247,6 @@ if not cuda:
     print("(RSS is the whole process's peak so far)")
 if inference:
     print(f"\ninference: batch 1, prompt {prompt_len} tokens, {decode_tokens} decoded tokens, greedy")
-    print_table(bench_inference(model))
+    print_table(bench_inference(model, infer_loops))
 if compile:  # flat in the number of steps and tokens, or something recompiles (test_compile.py)
     print(f"\ntorch.compile: {model.compiled_graphs()} graphs compiled in this process")

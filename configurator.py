@@ -113,10 +113,12 @@ def _run_dir(arg):
     return "DIR"
 
 
-def configure(settings, argv, config_files=True):
+def configure(settings, argv, config_files=True, given=None):
     """Override the keys of settings (a script's globals) from config files and --key=value args.
     Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings).
-    config_files=False: a script that reads a run's checkpoint (its settings are in it) takes --key=value only."""
+    config_files=False: a script that reads a run's checkpoint (its settings are in it) takes --key=value only.
+    given: a set that receives every key a config file or the command line set (a release's model settings
+    must not be contradicted, train.py)."""
     # the settings: lower-case literals; not the modules, functions and CONSTANTS among the globals
     known = [k for k, v in settings.items() if not k.startswith("_") and not k.isupper()
              and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -128,6 +130,8 @@ def configure(settings, argv, config_files=True):
             raise ValueError(f"unknown config key {key!r} ({where}): " +
                              (f"did you mean {close[0]}?" if close else f"python {script} --help lists every setting"))
         settings[key] = _coerce(key, value, settings[key])
+        if given is not None:
+            given.add(key)
 
     on_command_line = set()
     for arg in argv:
@@ -250,11 +254,12 @@ def load_checkpoint(path, need=(), text=False):
     return ckpt
 
 
-def model_from_checkpoint(ckpt, path):
-    """GPT built from a load_checkpoint() dict with its weights; a mismatch is a one-line ValueError."""
+def model_from_checkpoint(ckpt, path, overrides=None):
+    """GPT built from a load_checkpoint() dict with its weights; a mismatch is a one-line ValueError.
+    overrides: model settings that do not change the weights (eval_state) to use instead of the checkpoint's."""
     from model import GPT, GPTConfig
     try:
-        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model = GPT(GPTConfig(**{**ckpt["model_args"], **(overrides or {})}))
         model.load_state_dict(ckpt["model"])
     except (ValueError, TypeError, RuntimeError) as e:  # bad values, or weights of another shape
         raise ValueError(f"{path} does not fit this model.py: {' '.join(str(e).split())}") from None

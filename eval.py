@@ -1,13 +1,19 @@
 """
-Zero-shot HellaSwag and LAMBADA at several test-time loop depths: does thinking longer help on a task?
+Loss and bits per byte on held-out text, and zero-shot HellaSwag and LAMBADA, at several test-time loop
+depths: does thinking longer help?
 
     python eval.py --out_dir=out/tiny
     python eval.py --out_dir=out/parcae_135m --tasks=hellaswag,lambada --eval_loops=1,2,4,8,16
     python eval.py --out_dir=out/tiny --tasks=hellaswag --max_items=500      # a quick partial run
     python eval.py --out_dir=out/tiny --eval_data_dir=/path/to/copies       # offline
+    python eval.py --init_from=looplm-135m-naive --eval_loops=1,2,4,6,8,12   # a released model (pretrained.py)
 
-Prints a table (one row per task and metric, one column per depth) and writes out_dir/eval.json.
-The data are downloaded once into eval_data_dir (resumable, checked before they are renamed into
+Prints a table (one row per task and metric, one column per depth) and writes out_dir/eval.json
+(for a release: out_dir/eval_<name>.json, with the release's repo, commit and file hashes).
+val: the first val_tokens tokens of the val shards in data_dir (the checkpoint's own data_dir by
+default; data/fineweb10B for a release), in rows of the model's block_size: loss in nats per token
+and bits per byte (targets with no bytes, such as <|endoftext|>, left out of bpb).
+The task data are downloaded once into eval_data_dir (resumable, checked before they are renamed into
 place); a file already there is used as it is:
     hellaswag_val.jsonl   HellaSwag validation, 10,042 items {"ctx", "endings" (4), "label"}
     lambada_test.jsonl    OpenAI's LAMBADA test set, 5,153 items {"text"}
@@ -16,17 +22,19 @@ HellaSwag: the loss of each ending's tokens given the context, joined by a space
 ending with the lowest summed loss, acc_norm the lowest mean loss per token. Chance is 0.25.
 LAMBADA: the target is the last space-separated word; acc = greedy decoding reproduces all of its
 tokens given the text before it; ppl = exp(mean loss of the target tokens).
-The model runs in eval mode (no depth sampling, initial state 0), so a score is a function of the
-checkpoint and the depth only.
+The model runs in eval mode (no depth sampling, initial state 0 unless --eval_state=random), so a
+score is a function of the checkpoint and the depth only.
 """
 import sys
 
 from configurator import exit_on_help
 exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
 
+import glob
 import json
 import math
 import os
+import re
 from contextlib import nullcontext
 
 import requests
@@ -34,8 +42,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import numpy as np
+import pretrained
 from configurator import check_device, configure, load_checkpoint, model_from_checkpoint, run_record
-from prepare_fineweb import EOT, fetch, gpt2_encoding
+from prepare_fineweb import fetch, open_shard
 
 URLS = {"hellaswag": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
         "lambada": "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl"}
@@ -71,6 +81,7 @@ def parse_lambada(obj):
 
 
 PARSERS = {"hellaswag": parse_hellaswag, "lambada": parse_lambada}
+TASKS = ("val", *PARSERS)
 
 
 def read_items(task, path):
@@ -114,15 +125,15 @@ def task_file(task, data_dir, url=None, **fetch_kwargs):
 # scoring
 
 
-def task_rows(task, items, enc):
+def task_rows(task, items, tok):
     """(context tokens, continuation tokens) rows, and the item each row belongs to. Contexts start
-    with <|endoftext|>, as every training document does; the continuation's leading space is
-    tokenized with it (" dog", not " " + "dog"), as in running text."""
+    with the tokenizer's document start (<|endoftext|> for GPT-2), as every training document does;
+    the continuation's leading space is tokenized with it (" dog", not " " + "dog"), as in running text."""
     rows, owner = [], []
     for i, item in enumerate(items):
-        ctx = [EOT] + enc.encode_ordinary(item[0])
+        ctx = [tok.bos] + tok.encode(item[0])
         for cont in (item[1] if task == "hellaswag" else [item[1]]):
-            rows.append((ctx, enc.encode_ordinary(" " + cont)))
+            rows.append((ctx, tok.encode(" " + cont)))
             owner.append(i)
     return rows, owner
 
@@ -167,6 +178,38 @@ def score_rows(model, rows, num_loops, batch_size, device="cpu", ctx=nullcontext
     return results
 
 
+def val_tokens_of(data_dir, n):
+    """The first n + 1 tokens (n targets) of the val shards in data_dir, checked as train.py reads them."""
+    paths = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
+    if not paths:
+        raise ValueError(f"no val shards (*_val_*.bin) in {data_dir}: point --data_dir at a folder of token shards "
+                         f"(python prepare_fineweb.py makes them), or leave val out: --tasks=hellaswag,lambada")
+    val = np.concatenate([open_shard(p) for p in paths])
+    return torch.from_numpy(val[:n + 1].astype(np.int64))
+
+
+@torch.no_grad()
+def score_val(model, tokens, num_loops, rows_per_batch, token_bytes, device="cpu", ctx=nullcontext(), bar=None):
+    """Loss in nats per token and bits per byte of tokens (n + 1 of them: n targets) in rows of block_size;
+    targets with no bytes (specials, padding) count in the loss but not in bpb, as in train.py."""
+    block = model.config.block_size
+    n_rows = (len(tokens) - 1) // block
+    nats = nats_with_bytes = nbytes = count = 0.0
+    for start in range(0, n_rows, rows_per_batch):
+        r = min(rows_per_batch, n_rows - start)
+        buf = tokens[start * block:(start + r) * block + 1].to(device)
+        x, y = buf[:-1].view(r, block), buf[1:].view(r, block)
+        with ctx:
+            logits, _ = model(x, y, num_loops=num_loops)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
+        b = token_bytes[y.flatten()]
+        nats, count = nats + nll.sum().item(), count + nll.numel()
+        nats_with_bytes, nbytes = nats_with_bytes + nll[b > 0].sum().item(), nbytes + b.sum().item()
+        if bar is not None:
+            bar.update(r * block)
+    return nats / count, nats_with_bytes / (math.log(2) * nbytes) if nbytes else float("nan")
+
+
 def hellaswag_metrics(items, scores):
     """acc (lowest summed loss) and acc_norm (lowest mean loss per token) over the items."""
     acc = acc_norm = 0
@@ -193,23 +236,30 @@ def table(results, loops):
     def cell(value, digits):
         text = f"{value:.{digits}f}"
         return f" {text if len(text) <= 10 else f'{value:.3e}':>10}"  # a huge ppl (an untrained model) keeps the width
-    lines = [f"{'task':<10} {'metric':<9} {'items':>6}" + "".join(f" {f'T={T}':>10}" for T in loops)]
+    lines = [f"{'task':<10} {'metric':<9} {'items':>8}" + "".join(f" {f'T={T}':>10}" for T in loops)]
     for task, r in results.items():
         for metric, by_depth in r["metrics"].items():
             digits = 2 if metric == "ppl" else 4
-            lines.append(f"{task:<10} {metric:<9} {r['items']:>6}" + "".join(cell(by_depth[T], digits) for T in loops))
+            lines.append(f"{task:<10} {metric:<9} {r['items']:>8}" + "".join(cell(by_depth[T], digits) for T in loops))
     return lines
 
 # -----------------------------------------------------------------------------
 # settings
 out_dir = "out"                  # the checkpoint is out_dir/ckpt.pt; eval.json goes there too
-tasks = "hellaswag,lambada"      # comma-separated, from: hellaswag, lambada
+init_from = "resume"             # "resume": that checkpoint; or a released model: a short name (python pretrained.py
+                                 # --list), a hub repo owner/name[@revision], or a local folder in the release's layout
+tasks = "val,hellaswag,lambada"  # comma-separated, from: val, hellaswag, lambada
 eval_loops = ()                  # loop depths to evaluate; () = 1, 2, mu/2, mu, 2 mu
+data_dir = ""                    # val: its *_val_*.bin shards; "" = the checkpoint's data_dir (a release: data/fineweb10B)
+val_tokens = 1_048_576           # val: score the first this many tokens of the val shards
+val_batch_size = 4               # val: rows of block_size tokens per forward
 eval_data_dir = "data/eval"      # where the task files are (downloaded there when missing)
 max_items = 0                    # score only the first max_items items of each task; 0 = all
 batch_size = 32                  # rows (HellaSwag: 4 per item) per forward
 device = "auto"                  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1" ...
 dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 elsewhere), "float32", "bfloat16", "float16"
+eval_state = ""                  # initial loop state h0: "" = the model's own setting (zero), "zero", or "random" (drawn
+                                 # at every forward, as the releases do in their own evaluation)
 # -----------------------------------------------------------------------------
 
 
@@ -217,12 +267,14 @@ def main(argv):
     configure(globals(), argv, config_files=False)  # the run's settings are in its checkpoint
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     for ok, why in ((names, "tasks is empty"),
-                    (all(t in PARSERS for t in names),
-                     f"unknown task in tasks={tasks!r}: choose from {', '.join(PARSERS)}"),
+                    (all(t in TASKS for t in names),
+                     f"unknown task in tasks={tasks!r}: choose from {', '.join(TASKS)}"),
                     (max_items >= 0, f"max_items must be >= 0 (0 = all), got {max_items}"),
-                    (batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"),
+                    (min(batch_size, val_batch_size, val_tokens) >= 1,
+                     "batch_size, val_batch_size and val_tokens must be >= 1"),
                     (all(type(T) is int and T >= 1 for T in eval_loops),
-                     f"eval_loops must be integers >= 1, got {eval_loops!r}")):
+                     f"eval_loops must be integers >= 1, got {eval_loops!r}"),
+                    (eval_state in ("", "zero", "random"), f"eval_state must be '', 'zero' or 'random', got {eval_state!r}")):
         if not ok:
             raise ValueError(why)
 
@@ -231,23 +283,51 @@ def main(argv):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    ckpt = load_checkpoint(ckpt_path, text=True)
-    model = model_from_checkpoint(ckpt, ckpt_path)
+    free = {"eval_state": eval_state} if eval_state else {}  # settings that do not change the weights
+    if init_from == "resume":
+        source = os.path.join(out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(source, text=True)
+        model, tok = model_from_checkpoint(ckpt, source, free), pretrained.checkpoint_tokenizer(ckpt)
+        val_dir = data_dir or ckpt.get("config", {}).get("data_dir", "data/fineweb10B")
+        runs = ckpt.get("runs") or [{}]  # the checkpoint's code: the commit of the run that last trained it
+        about = {"checkpoint": source, "iter_num": ckpt.get("iter_num"),
+                 "checkpoint_commit": runs[-1].get("commit", "unknown")}
+        source, out_path = f"{source} (iter {ckpt.get('iter_num')})", os.path.join(out_dir, "eval.json")
+    else:
+        model, tok = pretrained.load(init_from, overrides=free)
+        val_dir, source, about = data_dir or "data/fineweb10B", init_from, {"release": model.release.record()}
+        out_path = os.path.join(out_dir, f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', init_from.strip('/'))}.json")
     model.eval()
     model.to(dev)
     mu = model.config.mean_recurrence
     loops = eval_loops or tuple(sorted({1, 2, max(1, mu // 2), mu, 2 * mu}))
 
-    enc = gpt2_encoding()
     data = {}
     for task in names:  # every file is read and checked before the first forward
+        if task == "val":
+            data[task] = val_tokens_of(val_dir, val_tokens)
+            pretrained.check_ids([data[task].max().item()], model, f"the val shards in {val_dir}")
+            if len(data[task]) <= model.config.block_size:
+                raise ValueError(f"the val shards in {val_dir} hold fewer than one row of block_size="
+                                 f"{model.config.block_size} tokens + 1")
+            continue
         items = read_items(task, task_file(task, eval_data_dir))
         data[task] = items[:max_items] if max_items else items
 
     results = {}
     for task, items in data.items():
-        rows, owner = task_rows(task, items, enc)
+        if task == "val":
+            block = model.config.block_size
+            n = (len(items) - 1) // block * block
+            results[task] = {"items": n, "metrics": {"loss": {}, "bpb": {}}}  # items: the tokens scored
+            token_bytes = torch.as_tensor(tok.token_bytes(model.config.vocab_size), device=dev)
+            for T in loops:
+                with tqdm(total=n, desc=f"val T={T}", unit="tok", unit_scale=True) as bar:
+                    loss, bpb = score_val(model, items, T, val_batch_size, token_bytes, dev, ctx, bar)
+                results[task]["metrics"]["loss"][T], results[task]["metrics"]["bpb"][T] = loss, bpb
+            continue
+        rows, owner = task_rows(task, items, tok)
+        pretrained.check_ids([t for c, e in rows for t in c + e], model, f"the {task} items")
         results[task] = {"items": len(items), "metrics": {}}
         for T in loops:
             with tqdm(total=len(items), desc=f"{task} T={T}", unit="item") as bar:
@@ -255,14 +335,14 @@ def main(argv):
             for metric, value in METRICS[task](items, scores).items():
                 results[task]["metrics"].setdefault(metric, {})[T] = value
 
-    print(f"{ckpt_path} (iter {ckpt.get('iter_num')}), score by loop depth T:")
+    print(f"{source}, score by loop depth T:")
     print("\n".join(table(results, loops)))
-    runs = ckpt.get("runs") or [{}]  # the checkpoint's code: the commit of the run that last trained it
-    out = {"checkpoint": ckpt_path, "iter_num": ckpt.get("iter_num"), "checkpoint_commit": runs[-1].get("commit", "unknown"),
-           "eval_loops": list(loops), "tasks": results, "run": run_record(dev)}
-    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+    out = {**about, "eval_loops": list(loops), "val_dir": val_dir if "val" in data else None, "tasks": results,
+           "run": run_record(dev)}
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"wrote {os.path.join(out_dir, 'eval.json')}")
+    print(f"wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """
-Sample from a trained looped transformer (out_dir/ckpt.pt, written by train.py).
+Sample from a trained looped transformer (out_dir/ckpt.pt, written by train.py) or a released one (pretrained.py).
 
     python sample.py --out_dir=out/tiny
+    python sample.py --init_from=looplm-135m-naive --num_loops=6 --start="The history of"   # a released model
     python sample.py --out_dir=out/tiny --start="The meaning of life is" --num_loops=16
     python sample.py --out_dir=out/tiny --start=FILE:prompt.txt --temperature=0 --max_new_tokens=50
     python sample.py --out_dir=out/tiny --cache=last                       # a smaller KV cache
@@ -14,8 +15,9 @@ token may leave the loop earlier; prompt tokens always run num_loops steps. Afte
 a line reports the depth, the mean loop steps per generated token and the KV cache size (with
 --compile=True, the graphs compiled so far: flat after the first sample, or something recompiles).
 
-The prompt is GPT-2 BPE; <|endoftext|> in it is the document separator, and an empty prompt
-starts from <|endoftext|> alone. A prompt longer than the model's block_size is cropped from
+The prompt is in the model's tokenizer (GPT-2 BPE for nanoloop's models and LoopLM; a fine-tuned
+release's checkpoint remembers its own); <|endoftext|> in it is the document separator, and an empty
+prompt starts from <|endoftext|> alone. A prompt longer than the model's block_size is cropped from
 the left to its last block_size tokens (with a warning on stderr): the model cannot see more.
 Samples are printed in full, prompt included; token ids in the padded part of the vocabulary
 (50257 and up, which an undertrained model may still pick) are printed as U+FFFD.
@@ -30,11 +32,13 @@ from contextlib import nullcontext
 
 import torch
 
+import pretrained
 from configurator import check_device, configure, load_checkpoint, model_from_checkpoint
-from prepare_fineweb import EOT, gpt2_encoding
 
 # -----------------------------------------------------------------------------
 out_dir = "out"                  # the checkpoint is out_dir/ckpt.pt
+init_from = "resume"             # "resume": that checkpoint; or a released model: a short name (python pretrained.py
+                                 # --list), a hub repo owner/name[@revision], or a local folder in the release's layout
 start = "\n"                     # the prompt, or "FILE:path" to read it from a file
 num_samples = 3                  # samples to draw, one after another
 max_new_tokens = 200             # tokens generated per sample
@@ -50,6 +54,8 @@ exit_criterion = "none"          # "none", "kl" (KL between consecutive steps' p
 exit_threshold = 5e-4            # leave once kl or latent is below this (RDM: 5e-4 for kl; ~0.03 for latent), or once the
                                  # exit gate's CDF 1 - S_t reaches it (gate: q in [0, 1]; 0 = after one step)
 compile = False                  # torch.compile each block (first tokens are slow while it compiles)
+eval_state = ""                  # initial loop state h0: "" = the model's own setting (zero), "zero", or "random" (drawn
+                                 # at every forward, as the releases do in their own evaluation)
 # -----------------------------------------------------------------------------
 try:
     configure(globals(), sys.argv[1:], config_files=False)  # the run's settings are in its checkpoint
@@ -65,7 +71,8 @@ for ok, why in ((num_samples >= 1, f"num_samples must be >= 1, got {num_samples}
                  f"exit_criterion must be 'none', 'kl', 'latent' or 'gate', got {exit_criterion!r}"),
                 (exit_criterion != "gate" or 0 <= exit_threshold <= 1,
                  f"exit_threshold is a probability q in [0, 1] for exit_criterion=gate, got {exit_threshold}"),
-                (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True")):
+                (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True"),
+                (eval_state in ("", "zero", "random"), f"eval_state must be '', 'zero' or 'random', got {eval_state!r}")):
     if not ok:
         raise SystemExit(f"error: {why}")
 try:
@@ -77,14 +84,20 @@ torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-# the checkpoint: checked before the model is built from it
+# the model: a checkpoint, checked before the model is built from it, or a release
+free = {"eval_state": eval_state} if eval_state else {}  # settings that do not change the weights
 try:
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    model = model_from_checkpoint(load_checkpoint(ckpt_path, text=True), ckpt_path)
+    if init_from == "resume":
+        source = os.path.join(out_dir, "ckpt.pt")
+        ckpt = load_checkpoint(source, text=True)
+        model, tok = model_from_checkpoint(ckpt, source, free), pretrained.checkpoint_tokenizer(ckpt)
+    else:
+        source = init_from
+        model, tok = pretrained.load(init_from, overrides=free)
 except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
+    raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 if exit_criterion == "gate" and not model.config.exit_gate:
-    raise SystemExit(f"error: exit_criterion=gate needs a model with an exit gate; {ckpt_path} has none (exit_gate=False): "
+    raise SystemExit(f"error: exit_criterion=gate needs a model with an exit gate; {source} has none (exit_gate=False): "
                      f"use kl or latent")
 model.eval()
 model.to(device)
@@ -94,25 +107,22 @@ block_size = model.config.block_size
 depth = num_loops or model.config.mean_recurrence
 
 # the prompt
-enc = gpt2_encoding()
 if start.startswith("FILE:"):
     try:
         with open(start[5:], encoding="utf-8") as f:
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: cannot read the prompt file: {e}") from None
-ids = enc.encode(start, allowed_special={"<|endoftext|>"}) or [EOT]
+ids = tok.encode(start, specials=True) or [tok.bos]
+try:
+    pretrained.check_ids(ids, model)
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 if len(ids) > block_size:
     print(f"warning: the prompt has {len(ids)} tokens, more than block_size={block_size}: "
           f"keeping its last {block_size}", file=sys.stderr)
     ids = ids[-block_size:]
 x = torch.tensor(ids, dtype=torch.long, device=device)[None, :]
-
-
-def detokenize(tokens):
-    """GPT-2 text of the tokens; ids past the tokenizer's vocabulary become U+FFFD."""
-    pieces = (enc.decode_single_token_bytes(t) if t < enc.n_vocab else "\ufffd".encode() for t in tokens)
-    return b"".join(pieces).decode("utf-8", errors="replace")
 
 
 for _ in range(num_samples):
@@ -121,7 +131,7 @@ for _ in range(num_samples):
                                   num_loops=depth, use_cache=use_cache, cache=cache,
                                   exit_criterion=exit_criterion, exit_threshold=exit_threshold,
                                   return_stats=True)
-    print(detokenize(y[0].tolist()))
+    print(tok.decode(y[0].tolist()))
     kv = (f"kv cache {stats['cache_bytes']:,} bytes ({stats['cache_bytes'] / 2**20:.2f} MiB, {cache})"
           if use_cache else "kv cache off")
     graphs = f", {model.compiled_graphs()} graphs compiled" if compile else ""

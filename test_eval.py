@@ -22,9 +22,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses: two OpenMP thread
 
 import eval as ev  # noqa: E402
 import prepare_fineweb as pf  # noqa: E402
+from pretrained import GPT2Tokenizer  # noqa: E402
 from configurator import load_checkpoint, model_from_checkpoint  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from test_prepare import Handler  # noqa: E402  the local HTTP server's handler (cuts, ranges, 404)
+
+GPT2 = GPT2Tokenizer()  # what eval.py tokenizes with for a GPT-2 model
 
 # fixtures in the real formats. In the hellaswag items the right ending repeats the context's last word,
 # which the "parrot" model below prefers; the LAMBADA texts ending in a repeated word are the ones it gets.
@@ -111,12 +114,12 @@ def plain_loss(model, context, continuation, T):
 def test_batched_scorer_equals_one_row_at_a_time(T):
     model, enc = random_model(), pf.gpt2_encoding()
     hs, lb = items_of("hellaswag", HELLASWAG), items_of("lambada", LAMBADA)
-    assert max(len(r[0]) + len(r[1]) for r in ev.task_rows("hellaswag", hs, enc)[0]) > 25  # cropping is exercised
+    assert max(len(r[0]) + len(r[1]) for r in ev.task_rows("hellaswag", hs, GPT2)[0]) > 25  # cropping is exercised
     with torch.no_grad():
         plain_hs = [[plain_loss(model, c, e, T)[0] for e in endings] for c, endings, _ in hs]
         plain_lb = [plain_loss(model, c, w, T) for c, w in lb]
     # 3 rows per forward: items share batches with rows of other lengths, padded
-    scores = ev.score_rows(model, ev.task_rows("hellaswag", hs, enc)[0], T, batch_size=3)
+    scores = ev.score_rows(model, ev.task_rows("hellaswag", hs, GPT2)[0], T, batch_size=3)
     got = [[s[0] for s in scores[4 * i:4 * i + 4]] for i in range(len(hs))]
     np.testing.assert_allclose(got, plain_hs, rtol=1e-5)
     n_tokens = [len(enc.encode_ordinary(" " + e)) for _, endings, _ in hs for e in endings]
@@ -125,18 +128,18 @@ def test_batched_scorer_equals_one_row_at_a_time(T):
     acc_norm = np.mean([np.argmin(np.array(p) / n_tokens[4 * i:4 * i + 4]) == label
                         for i, (p, (_, _, label)) in enumerate(zip(plain_hs, hs))])
     assert ev.hellaswag_metrics(hs, scores) == {"acc": acc, "acc_norm": acc_norm}
-    lb_scores = ev.score_rows(model, ev.task_rows("lambada", lb, enc)[0], T, batch_size=2)
+    lb_scores = ev.score_rows(model, ev.task_rows("lambada", lb, GPT2)[0], T, batch_size=2)
     np.testing.assert_allclose([s[0] for s in lb_scores], [p[0] for p in plain_lb], rtol=1e-5)
     assert [s[2] for s in lb_scores] == [p[1] for p in plain_lb]
 
 
 def test_a_model_that_prefers_the_right_ending_scores_1():
-    model, enc = parrot(), pf.gpt2_encoding()
+    model = parrot()
     hs, lb = items_of("hellaswag", HELLASWAG), items_of("lambada", LAMBADA)
     for T in (1, 2):
-        scores = ev.score_rows(model, ev.task_rows("hellaswag", hs, enc)[0], T, batch_size=5)
+        scores = ev.score_rows(model, ev.task_rows("hellaswag", hs, GPT2)[0], T, batch_size=5)
         assert ev.hellaswag_metrics(hs, scores) == {"acc": 1.0, "acc_norm": 1.0}
-        m = ev.lambada_metrics(lb, ev.score_rows(model, ev.task_rows("lambada", lb, enc)[0], T, batch_size=2))
+        m = ev.lambada_metrics(lb, ev.score_rows(model, ev.task_rows("lambada", lb, GPT2)[0], T, batch_size=2))
         assert m["acc"] == pytest.approx(2 / 3)  # "cat" does not follow "the": that item is missed
     # the same items with the labels moved: the right ending is no longer the labelled one
     moved = [(c, e, (label + 1) % 4) for c, e, label in hs]
@@ -145,7 +148,7 @@ def test_a_model_that_prefers_the_right_ending_scores_1():
 
 def test_lambada_target_is_the_last_word():
     assert ev.parse_lambada({"text": "a b c  dog"}) == ("a b c ", "dog")
-    rows, owner = ev.task_rows("lambada", [("the big", "dog")], pf.gpt2_encoding())
+    rows, owner = ev.task_rows("lambada", [("the big", "dog")], GPT2)
     enc = pf.gpt2_encoding()
     assert rows == [([pf.EOT] + enc.encode_ordinary("the big"), enc.encode_ordinary(" dog"))] and owner == [0]
 
@@ -233,10 +236,10 @@ def test_eval_end_to_end(trained, tmp_path):
     assert res["tasks"]["hellaswag"]["items"] == 4 and res["tasks"]["lambada"]["items"] == 3
     # the numbers are those of the scorer on the checkpoint's model
     path = os.path.join(out, "ckpt.pt")
-    model, enc = model_from_checkpoint(load_checkpoint(path), path).eval(), pf.gpt2_encoding()
+    model = model_from_checkpoint(load_checkpoint(path), path).eval()
     lb = items_of("lambada", LAMBADA)
     for T in (1, 3):
-        want = ev.lambada_metrics(lb, ev.score_rows(model, ev.task_rows("lambada", lb, enc)[0], T, 4))
+        want = ev.lambada_metrics(lb, ev.score_rows(model, ev.task_rows("lambada", lb, GPT2)[0], T, 4))
         assert res["tasks"]["lambada"]["metrics"]["ppl"][str(T)] == pytest.approx(want["ppl"], rel=1e-5)
         assert res["tasks"]["lambada"]["metrics"]["acc"][str(T)] == want["acc"]
         assert set(res["tasks"]["hellaswag"]["metrics"]) == {"acc", "acc_norm"}

@@ -14,6 +14,7 @@ Several nodes: the usual torchrun flags (--nnodes, --node_rank, --rdzv_endpoint 
 Settings below can be overridden by a config file and then by --key=value:
     python train.py config/tiny.py --max_iters=100 --injection=concat
     python train.py config/tiny.py --init_from=resume           # continue from out_dir/ckpt.pt, with its settings
+    python train.py config/finetune_looplm.py --init_from=looplm-135m-naive   # fine-tune a released model (pretrained.py)
     python train.py config/tiny.py --overwrite=True             # start over where a checkpoint exists
     python train.py --help                                      # every setting, its default and what it does
     python train.py config/tiny.py --eval_only=True --eval_loops=1,2,4,8,16   # test-time depth sweep
@@ -27,6 +28,7 @@ import sys
 from configurator import exit_on_help
 exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
 
+import difflib
 import glob
 import importlib.util
 import json
@@ -44,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (check_device, configure, datasheet_peak, fit_saturating_exp, load_checkpoint,
                           model_from_checkpoint, run_record)
+import pretrained
 import tasks
 from model import GPT, GPTConfig, exit_summary, survival
 from prepare_fineweb import open_shard, read_batch, token_byte_lengths
@@ -52,7 +55,8 @@ from prepare_fineweb import open_shard, read_batch, token_byte_lengths
 # I/O
 out_dir = "out"                  # ckpt.pt and log.jsonl go here
 data_dir = "data/fineweb10B"     # *_train_*.bin and *_val_*.bin shards
-init_from = "scratch"            # "scratch" or "resume" (from out_dir/ckpt.pt)
+init_from = "scratch"            # "scratch", "resume" (from out_dir/ckpt.pt), or a released model to fine-tune: a short
+                                 # name (python pretrained.py --list), a hub repo owner/name or a local folder
 overwrite = False                # let a run from scratch replace out_dir's ckpt.pt and log.jsonl (eval_only.jsonl goes too)
 eval_interval = 250              # evaluate and checkpoint every this many steps (and at the end)
 log_interval = 10                # print training stats every this many steps
@@ -83,10 +87,13 @@ prelude_norm = True              # RMSNorm the prelude output before injecting i
 mean_recurrence = 8              # mean loop depth T in training; the depth of eval and sampling
 backprop_depth = 4               # backpropagate through the last this many loop steps
 depth_sampling = "sequence"      # "sequence" (Parcae: a depth per sequence), "batch" (RDM), "fixed"
-state_init = "random"            # initial loop state h0 in training: "random" or "zero"
+state_init = "random"            # initial loop state h0 in training: "random", "normal" (0.02 N(0, 1), LoopLM's) or "zero"
+eval_state = "zero"              # h0 in evaluation: "zero", or "random" (drawn as in training, as the releases do)
 rope_base = 10000.0              # rotary embedding base
 mlp = "relu2"                    # "relu2" | "swiglu" (LoopLM's)
 mlp_hidden = 0                   # MLP hidden size; 0 = 4 * n_embd (relu2 only)
+norm_eps = 1e-5                  # eps of every RMSNorm with a gain (LoopLM: 1e-6)
+qk_norm = "plain"                # QK-norm: "plain" (no parameters, Parcae) or "gain" (learnable per-head-dim gains, LoopLM)
 loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
 loop_norm = False                # RMSNorm after every loop step (Ouro)
 exit_gate = False                # Ouro's learned exit: every step read out, a gate lambda_t per token
@@ -118,8 +125,9 @@ wandb_log = False                # log to wandb (WANDB_MODE=offline works withou
 wandb_project = "nanoloop"       # its project
 wandb_run_name = ""              # its run name; "" = out_dir's last folder name
 # -----------------------------------------------------------------------------
+given = set()  # every key the config file or the command line set
 try:
-    cli_keys = configure(globals(), sys.argv[1:])
+    cli_keys = configure(globals(), sys.argv[1:], given=given)
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
@@ -136,12 +144,10 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # take an evaluation of the final weights, made later and perhaps at other depths, for one made in training
 log_path, eval_only_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "eval_only.jsonl")
 record_path = eval_only_path if eval_only else log_path
-if init_from == "scratch" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
+if init_from != "resume" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
     # a trained model is not replaced by accident: say the three ways on
     raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
                      f"--out_dir=..., or replace it and its log.jsonl with --overwrite=True")
-if init_from not in ("scratch", "resume"):
-    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', got {init_from!r}")
 ckpt, from_ckpt = None, {}
 if init_from == "resume" or eval_only:  # checked before anything else is loaded
     try:
@@ -158,6 +164,19 @@ if init_from == "resume" or eval_only:  # checked before anything else is loaded
     if not eval_only and ckpt["iter_num"] >= max_iters:
         raise SystemExit(f"error: {ckpt_path} is at iter {ckpt['iter_num']}, max_iters is {max_iters}: nothing to "
                          f"train; continue with --max_iters=N above {ckpt['iter_num']}, or evaluate with --eval_only=True")
+release = None  # a released model to fine-tune: the architecture is the release's, the training settings this run's
+if init_from not in ("scratch", "resume"):
+    if eval_only or task:
+        raise SystemExit(f"error: init_from={init_from!r} fine-tunes a released text model: " +
+                         ("evaluate a release with python eval.py --init_from=..." if eval_only else "drop --task"))
+    try:  # its config and weights header, checked now; the weights are read when the model is built
+        release = pretrained.Release(init_from, {k: globals()[k] for k in given if k in GPTConfig.__dataclass_fields__})
+    except ValueError as e:  # a typo of scratch or resume is said so too
+        close = difflib.get_close_matches(init_from, ("scratch", "resume"), n=1)
+        raise SystemExit(f"error: {f'init_from={init_from!r}: did you mean {close[0]}? ' if close else ''}"
+                         f"{' '.join(str(e).split())}") from None
+    globals().update(asdict(release.config))  # the saved settings describe the model that is trained
+    settings.update(asdict(release.config))
 ckpt_task = None if ckpt is None else ckpt.get("config", {}).get("task", "")
 if ckpt_task is not None and task != ckpt_task:  # a text model's batch position is no task's, and vice versa
     raise SystemExit(f"error: {ckpt_path} was trained on {f'the {ckpt_task!r} task' if ckpt_task else 'token shards'}, "
@@ -294,13 +313,17 @@ def next_batch():
 # model: from scratch or resumed
 iter_num = 0
 try:
-    if ckpt is None:
+    if release is not None:
+        model = release.model()
+        log(f"fine-tuning {init_from} ({release.family}, {release.files.weights}): its model settings, this run's training settings")
+    elif ckpt is None:
         model = GPT(GPTConfig(**model_args))
     else:
-        changed = {k: (v, model_args.get(k)) for k, v in ckpt["model_args"].items() if model_args.get(k) != v}
+        free = {"eval_state": eval_state} if "eval_state" in cli_keys else {}  # h0 in eval: not in the weights
+        changed = {k: (v, model_args.get(k)) for k, v in ckpt["model_args"].items() if model_args.get(k) != v and k not in free}
         if changed:
             log(f"using the checkpoint's model settings, not the config's: {changed}")
-        model = model_from_checkpoint(ckpt, ckpt_path)
+        model = model_from_checkpoint(ckpt, ckpt_path, free)
         iter_num, data_pos = ckpt.get("iter_num", 0), list(ckpt.get("data_pos", data_pos))
 except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint that does not fit this model.py
     raise SystemExit(f"error: {e}") from None
@@ -344,6 +367,8 @@ if ckpt is not None and not eval_only:
         raise SystemExit(f"error: {ckpt_path}: its optimizer or RNG state does not fit this model: "
                          f"{' '.join(str(e).split()) or type(e).__name__}") from None
 runs = [] if ckpt is None else list(ckpt.get("runs", []))  # the records of the runs that made this checkpoint
+# the tokenizer of the text (sample.py and eval.py read it from the checkpoint): a release's, else GPT-2's
+tokenizer = None if task else release.tokenizer().name if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
 del ckpt
 for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
     for group in opt.param_groups:
@@ -527,7 +552,7 @@ def save_checkpoint():
         return
     ckpt = {"model": raw_model.state_dict(), "model_args": asdict(cfg), "optimizer": [o.state_dict() for o in optimizers],
             "iter_num": iter_num, "data_pos": list(data_pos), "config": settings, "rng": rngs, "version": 1,
-            "gate_start": gate_start, "runs": runs}
+            "gate_start": gate_start, "runs": runs, "tokenizer": tokenizer}
     tmp = ckpt_path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)
@@ -541,7 +566,7 @@ def save_checkpoint():
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    if init_from == "scratch" and not eval_only:
+    if init_from != "resume" and not eval_only:
         for old in (log_path, eval_only_path):  # a new run starts a new log, never appends to an old one
             if os.path.exists(old):
                 os.remove(old)
@@ -559,7 +584,8 @@ if master:
             log(f"log.jsonl: dropped {len(lines) - len(keep)} records past iter {iter_num}, "
                 f"written after the last checkpoint; those steps run again now")
 # a record of what produced this run: first in log.jsonl, then one more for every resume (and eval_only)
-run = run_record(device, world_size=world, dtype=dtype, compile=compile, init_from=init_from, eval_only=eval_only)
+run = run_record(device, world_size=world, dtype=dtype, compile=compile, init_from=init_from, eval_only=eval_only,
+                 **({"release": release.record()} if release else {}))  # its repo, commit and files' sha256
 wandb_run = None
 if wandb_log and master:
     import wandb
@@ -606,7 +632,7 @@ loss_sum, loss_steps = torch.zeros((), device=device), 0  # the logged loss: the
 model.train()
 while True:
     # a resumed run's first state was evaluated when its checkpoint was written: skip that repeat
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or init_from == "scratch"):
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or init_from != "resume"):
         report_eval()
         if iter_num > start_iter:
             save_checkpoint()

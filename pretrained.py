@@ -1,0 +1,625 @@
+"""
+Released looped LMs in nanoloop's own model: found by name, converted exactly, checked tensor by tensor.
+
+    python pretrained.py looplm-135m-naive                # the check to run first (below)
+    python pretrained.py harims95/LoopLM-135M-naive@main  # any hub repo of a known family, at a revision
+    python pretrained.py path/to/LoopLM-135M-naive        # a local folder in the release's layout: no network
+    python pretrained.py --list                           # the short names and their hub repos
+
+    from pretrained import load
+    model, tok = load("looplm-135m-naive")                # a model.GPT in eval mode, and the release's tokenizer
+    logits, _ = model(torch.tensor([tok.encode("The loop")]), num_loops=6)   # any test-time depth
+
+The scripts take the same names: sample.py, eval.py and bench.py --init_from=NAME, and train.py
+--init_from=NAME fine-tunes. The check prints where the files came from (repo, revision, sha256), how each
+config.json field maps to a GPTConfig setting, what became of every tensor in the file, the parameter count,
+and the loss and bits per byte of a short built-in text at a few depths.
+
+How a load works, and why it cannot load something silently wrong:
+1. config.json names the family (never the release's name). Each field maps to a setting, or is named as
+   unused with the reason; a field this loader does not know, or a value nanoloop does not compute, is an
+   error naming it (a hub's bookkeeping fields, such as architectures or auto_map, excepted).
+2. The weights file's header lists its tensors. Before any value is read, each must be consumed by a
+   parameter (fused matrices are split by rows) or dropped for a stated reason; each parameter must be
+   filled; every shape must be what the config implies and every dtype one float type.
+3. A dropped tensor is checked first (a tied head's stored copy must equal the embedding).
+4. The values go straight into the parameters: a safetensors file is memory-mapped and, in the file's dtype,
+   each parameter is a view of it (split rows are views too), so a load holds one copy of the weights.
+Downloads are huggingface_hub's (its cache, resume, progress bars, HF_TOKEN, revisions, HF_HUB_OFFLINE);
+nothing in a release is executed. The tests prove each family's map against its official code on tiny
+release-format fixtures and against the real releases' key inventories; the real files are checked by
+this script, on a machine that has them.
+"""
+import difflib
+import hashlib
+import json
+import math
+import os
+import re
+import socket
+import sys
+import urllib.parse
+from dataclasses import fields
+
+RELEASES = {  # short name: hub repo
+    "looplm-135m-naive": "harims95/LoopLM-135M-naive",
+    "parcae-140m": "SandyResearch/parcae-140m",
+    "parcae-370m": "SandyResearch/parcae-370m",
+    "parcae-770m": "SandyResearch/parcae-770m",
+    "parcae-1.3b": "SandyResearch/parcae-1.3b",
+    "ouro-1.4b": "ByteDance/Ouro-1.4B",
+    "ouro-2.6b": "ByteDance/Ouro-2.6B",
+    "ouro-1.4b-thinking": "ByteDance/Ouro-1.4B-Thinking",
+    "ouro-2.6b-thinking": "ByteDance/Ouro-2.6B-Thinking",
+}
+# the settings a user may change on a release: which depths run, how h0 is drawn, how much memory a step
+# takes, and a shorter context (block_size, shrink only). Every other GPTConfig setting is the release's.
+FREE = ("mean_recurrence", "backprop_depth", "depth_sampling", "state_init", "eval_state", "loop_checkpoint",
+        "block_size")
+HUB_FIELDS = ("architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+              "_name_or_path")  # the hub's bookkeeping: no effect on what the weights compute
+DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names
+TEXT = ("The lighthouse keeper climbed the stairs every evening, counting the steps as his father had taught "
+        "him. There were one hundred and twelve of them, and on windy nights the tower hummed like a bottle "
+        "when someone blows across its neck. He lit the lamp, wiped the salt from the glass, and wrote the "
+        "time in a small book with a blue cover. Ships passed far out on the water. Most of them never knew "
+        "his name, but they knew the light, and that was enough for him.")  # the check's built-in text
+
+
+class ReleaseError(ValueError):
+    """A release that cannot be loaded exactly; the message is one line naming the file, key or field."""
+
+
+# -----------------------------------------------------------------------------
+# where the files come from
+
+
+def hub_offline():
+    """HF_HUB_OFFLINE, or a hub host that does not resolve: then only the cache is read (huggingface_hub
+    would otherwise retry for about 20 s before it looks in its cache)."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return f"{host} does not resolve"
+    return None
+
+
+def sha256(path):
+    """The file's sha256; a file in huggingface_hub's cache is stored under its LFS sha256 already."""
+    blob = os.path.basename(os.path.realpath(path))
+    if re.fullmatch(r"[0-9a-f]{64}", blob):
+        return blob
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Files:
+    """A release's files: a local folder as it is, or a hub repo through huggingface_hub's cache."""
+
+    def __init__(self, name):
+        self.name, self.paths = name, {}  # paths: {file name: local path} of the files read so far
+        self.folder = self.repo = self.revision = self.commit = self.weights = None
+        if os.path.isdir(name):
+            self.folder = name
+            return
+        repo, _, revision = name.partition("@")
+        if repo in RELEASES:
+            repo = RELEASES[repo]
+        elif not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or os.sep in os.path.dirname(repo) or repo.startswith("."):
+            close = difflib.get_close_matches(name, RELEASES, n=1)
+            raise ReleaseError(f"unknown release {name!r}: " + (f"did you mean {close[0]}? " if close else "") +
+                               f"give a short name ({', '.join(RELEASES)}), a hub repo owner/name[@revision], "
+                               f"or a local folder")
+        self.repo, self.revision, self.offline = repo, revision or None, hub_offline()
+
+    def where(self):
+        return self.folder or f"{self.repo}" + (f"@{self.revision}" if self.revision else "")
+
+    def path(self, filename, required=True):
+        """The local path of one file (downloaded first if need be), or None for a missing optional file."""
+        if self.folder is not None:
+            p = os.path.join(self.folder, filename)
+            if os.path.isfile(p):
+                self.paths[filename] = p
+                return p
+            if required:
+                raise ReleaseError(f"{self.folder} has no {filename}: a release folder holds the files of the hub "
+                                   f"repo as they are (config.json and the weights file)")
+            return None
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                            LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+        try:
+            p = hf_hub_download(self.repo, filename, revision=self.revision, local_files_only=bool(self.offline))
+        except GatedRepoError:
+            raise ReleaseError(f"{self.repo} is gated: accept its terms on the hub and set HF_TOKEN") from None
+        except RepositoryNotFoundError:
+            raise ReleaseError(f"no repo {self.repo} on the hub (a private one needs HF_TOKEN), nor a local folder "
+                               f"{self.name}") from None
+        except RevisionNotFoundError:
+            raise ReleaseError(f"{self.repo} has no revision {self.revision!r}") from None
+        except LocalEntryNotFoundError:
+            if not required:
+                return None
+            why = self.offline or "the hub could not be reached"
+            raise ReleaseError(f"{self.where()}: {filename} is not in the Hugging Face cache and {why} (nor is there "
+                               f"a local folder {self.name}): download it where there is network (python "
+                               f"pretrained.py {self.name}), or pass a local folder holding the repo's files") from None
+        except EntryNotFoundError:
+            if not required:
+                return None
+            raise ReleaseError(f"{self.where()} has no {filename}") from None
+        except HfHubHTTPError as e:
+            raise ReleaseError(f"{self.where()}: {filename}: {' '.join(str(e).split())}") from None
+        self.commit = os.path.basename(os.path.dirname(p))  # the cache's snapshots/<commit>/<file>
+        self.paths[filename] = p
+        return p
+
+    def record(self):
+        """The release's name, hub repo and commit (or its folder), and each file's sha256."""
+        return {"name": self.name, "repo": self.repo, "revision": self.commit,
+                "folder": os.path.abspath(self.folder) if self.folder else None,
+                "files": {f: sha256(p) for f, p in self.paths.items()}}
+
+
+# -----------------------------------------------------------------------------
+# reading a weights file: names, shapes and dtypes from the header alone, values on demand
+
+
+class SafetensorsFile:
+    def __init__(self, path):
+        from safetensors import safe_open
+        try:
+            self.f = safe_open(path, "pt")
+        except Exception as e:  # safetensors' own error: a truncated file, another format ...
+            raise ReleaseError(f"{path}: not a complete safetensors file ({' '.join(str(e).split())}): "
+                               f"download it again") from None
+        self.meta = {}
+        for k in self.f.keys():
+            s = self.f.get_slice(k)
+            self.meta[k] = (tuple(s.get_shape()), DTYPES.get(s.get_dtype(), s.get_dtype()))
+
+    def get(self, key):
+        return self.f.get_tensor(key)  # a view of the memory-mapped file: nothing is read until it is used
+
+
+class Inventory:
+    """A release's tensor list (name: [shape, dtype]) standing in for its file: values on the meta device."""
+
+    def __init__(self, tensors):
+        self.meta = {k: (tuple(shape), dtype) for k, (shape, dtype) in tensors.items()}
+
+    def get(self, key):
+        import torch
+        shape, dtype = self.meta[key]
+        return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+
+
+# -----------------------------------------------------------------------------
+# the families: config.json -> GPTConfig settings, and the file's tensors -> parameters
+
+
+def family(c):
+    """The family a config.json belongs to, by its fields; None if no family here has them."""
+    if c.get("_class_name") == "ParcaeConfig":
+        return "Parcae"
+    if c.get("model_type") == "ouro" or "OuroForCausalLM" in (c.get("architectures") or []):
+        return "Ouro"
+    if {"d_model", "mu_rec", "n_prelude", "n_coda", "dense_ffn"} <= c.keys():
+        return "LoopLM"
+    return None
+
+
+def map_fields(c, rules):
+    """Apply rules {field: (type, rule)} to config.json's dict c; rule(value) -> ({setting: value}, note) or
+    raises. Every field needs a rule or is the hub's bookkeeping. Returns the settings and the mapping's lines."""
+    unknown = [k for k in c if k not in rules and k not in HUB_FIELDS]
+    if unknown:
+        raise ReleaseError(f"field {unknown[0]!r} = {json.dumps(c[unknown[0]])} is unknown to this loader: it may "
+                           f"change what the model computes, so the release is refused rather than loaded differently")
+    settings, lines = {}, []
+    for k, (kind, rule) in rules.items():
+        if k not in c:
+            raise ReleaseError(f"no field {k!r}: not a whole config of this family")
+        v = c[k]
+        if isinstance(v, bool) != (kind is bool) or not isinstance(v, kind):  # JSON true is no number here
+            kinds = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ReleaseError(f"field {k!r} = {json.dumps(v)} should be {kinds}")
+        try:
+            got, note = rule(v)
+        except ReleaseError as e:  # a value nanoloop does not compute: the field, the value and why
+            raise ReleaseError(f"field {k!r} = {json.dumps(v)}: {e}") from None
+        settings.update(got)
+        mapped = ", ".join(f"{s}={g!r}" for s, g in got.items())
+        lines.append((f"{k} = {json.dumps(v)}", f"{mapped} ({note})" if mapped and note else mapped or note))
+    lines += [(f"{k} = {json.dumps(c[k])}", "not used: the hub's bookkeeping") for k in c if k in HUB_FIELDS]
+    return settings, lines
+
+
+def to(setting):
+    """A rule that takes a field's value as this setting's."""
+    return lambda v: ({setting: v}, "")
+
+
+def unused(why):
+    return lambda v: ({}, f"not used: {why}")
+
+
+def only(value, settings, note, why):
+    """A rule that accepts one value of a field (mapped to settings) and refuses any other, saying why."""
+    def rule(v):
+        if v != value:
+            raise ReleaseError(why)
+        return settings, note
+    return rule
+
+
+def looplm(c, optional):
+    """LoopLM (harims95/LoopLM: looplm/model.py, looplm/parcae.py). One pre-norm block looped on block(h + e),
+    SwiGLU with a fused w13 = [gate; up], GQA with a fused qkv = [q; k; v] and learnable QK-norm gains applied
+    before rotate-half RoPE, RMSNorm eps 1e-6 everywhere, keys prefixed model., the tied head stored as a copy.
+    optional(filename) is the path of a release file or None."""
+    d, nq = c.get("d_model"), c.get("n_q_heads")
+
+    def head_dim(v):
+        if not (isinstance(d, int) and isinstance(nq, int) and v * nq == d):
+            raise ReleaseError(f"with d_model = {d} and n_q_heads = {nq}: nanoloop's head dim is n_embd / n_head")
+        return {}, "= d_model / n_q_heads"
+    number = (int, float)
+    settings, lines = map_fields(c, {
+        "vocab_size": (int, to("vocab_size")),
+        "d_model": (int, to("n_embd")),
+        "n_prelude": (int, to("n_prelude")),
+        "n_coda": (int, to("n_coda")),
+        "mu_rec": (int, lambda v: ({"mean_recurrence": v, "backprop_depth": math.ceil(v / 2)},
+                                   "its depth, and its ceil(mu_rec / 2) gradient steps")),
+        "n_q_heads": (int, to("n_head")),
+        "n_kv_heads": (int, to("n_kv_head")),
+        "head_dim": (int, head_dim),
+        "qk_norm": (bool, only(True, {"qk_norm": "gain"}, "RMSNorm(head_dim) with a gain",
+                               "LoopLM without QK-norm is not a model nanoloop computes")),
+        "rope_theta": (number, lambda v: ({"rope_base": float(v)}, "rotate-half")),
+        "dense_ffn": (int, lambda v: ({"mlp": "swiglu", "mlp_hidden": v}, "SwiGLU")),
+        "tie_embeddings": (bool, only(True, {}, "the head is the embedding", "an untied LoopLM head is not supported")),
+        "final_z_loss_coef": (number, unused("a training loss term; the logits do not depend on it")),
+        "use_a_matrix": (bool, only(False, {"injection": "add"}, "the naive loop block(h + e)",
+                                    "LoopLM's A-matrix loop (decay h + dt B e, no output projection) is not supported")),
+        "use_input_norm": (bool, to("prelude_norm")),
+        "init_std": (number, unused("initialisation only")),
+        **({"preset": (str, unused("the training preset's name"))} if "preset" in c else {}),
+    })
+    spec = optional("spec.json")  # its training run's settings: the context length it trained on
+    seq_len = 1024
+    if spec is not None:
+        try:
+            with open(spec) as f:
+                seq_len = int(json.load(f)["train_config"]["seq_len"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ReleaseError(f"{spec}: no train_config.seq_len ({type(e).__name__})") from None
+    settings.update(n_core=1, norm_eps=1e-6, depth_sampling="sequence", state_init="normal", block_size=seq_len)
+    lines += [("(its loop is one block, model.loop)", "n_core=1"),
+              ("(looplm/model.py, every RMSNorm)", "norm_eps=1e-06"),
+              ("(its training draws a depth per sequence)", "depth_sampling='sequence'"),
+              ("(its h0 = 0.02 randn at every forward)", "state_init='normal' (eval_state stays 'zero' unless set)"),
+              (f"({'spec.json: trained on' if spec else 'no spec.json: LoopLM trains on'} {seq_len} tokens)",
+               f"block_size={seq_len}")]
+
+    def block(src, dst):  # one pre-norm block of looplm/model.py -> nanoloop's Block
+        return {f"{src}attn_norm.weight": [f"{dst}ln_1.weight"],
+                f"{src}attn.qkv.weight": [f"{dst}attn.q.weight", f"{dst}attn.k.weight", f"{dst}attn.v.weight"],
+                f"{src}attn.proj.weight": [f"{dst}attn.o.weight"],
+                f"{src}attn.q_norm.weight": [f"{dst}attn.q_norm.weight"],
+                f"{src}attn.k_norm.weight": [f"{dst}attn.k_norm.weight"],
+                f"{src}ffn_norm.weight": [f"{dst}ln_2.weight"],
+                f"{src}ffn.w13.weight": [f"{dst}mlp.gate.weight", f"{dst}mlp.up.weight"],
+                f"{src}ffn.w2.weight": [f"{dst}mlp.down.weight"]}
+    plan = {"model.embed.weight": ["wte.weight"], "model.final_norm.weight": ["ln_f.weight"]}
+    if settings["prelude_norm"]:
+        plan["model.prelude_norm.weight"] = ["ln_prelude.weight"]
+    for i in range(settings["n_prelude"]):
+        plan.update(block(f"model.prelude.{i}.", f"prelude.{i}."))
+    plan.update(block("model.loop.", "core.0."))
+    for j in range(settings["n_coda"]):
+        plan.update(block(f"model.coda.{j}.", f"coda.{j}."))
+    drops = {"model.lm_head.weight": ("model.embed.weight", "the tied head's stored copy")}
+    return settings, lines, "model.safetensors", plan, drops
+
+
+FAMILIES = {"LoopLM": looplm}
+PLANNED = {"Parcae": "value embeddings and Parcae's RoPE layout are not in nanoloop yet",
+           "Ouro": "Ouro's sandwich norms and untied head are not in nanoloop yet"}
+
+
+def release_map(c, where, optional=lambda filename: None):
+    """(family, settings, lines of the config mapping, weights file name, plan, drops) of config.json's dict c.
+    plan: {file key: [parameter, ...]}, the parameters its rows fill in order (one: the whole tensor);
+    drops: {file key: (the key it must equal, what it is)}."""
+    if not isinstance(c, dict):
+        raise ReleaseError(f"{where}: not a JSON object")
+    fam = family(c)
+    if fam is None:
+        raise ReleaseError(f"{where}: not the config of a family nanoloop loads (LoopLM; Parcae and Ouro planned)")
+    if fam not in FAMILIES:
+        raise ReleaseError(f"{where}: the config of a {fam} release; nanoloop cannot load {fam} yet: {PLANNED[fam]}")
+    try:
+        return (fam, *FAMILIES[fam](c, optional))
+    except ReleaseError as e:
+        raise ReleaseError(f"{where}: {e}") from None
+
+
+# -----------------------------------------------------------------------------
+# the conversion, with its accounting
+
+
+def apply_overrides(settings, overrides, where):
+    """The release's settings with the user's: a FREE setting may change (block_size only shrink); any other
+    GPTConfig setting must equal the release's."""
+    from model import GPTConfig
+    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    out, overrides = {**defaults, **settings}, overrides or {}
+    unknown = sorted(k for k in overrides if k not in defaults)
+    if unknown:
+        raise ReleaseError(f"{unknown[0]!r} is not a model setting (GPTConfig)")
+    bad = [k for k in defaults if k in overrides and overrides[k] != out[k] and k not in FREE]  # in GPTConfig's order
+    if bad:
+        have = ", ".join(f"{k}={out[k]!r}" for k in bad)
+        given = ", ".join(f"{k}={overrides[k]!r}" for k in bad)
+        raise ReleaseError(f"{given} {'contradicts' if len(bad) == 1 else 'contradict'} the release {where}, which has "
+                           f"{have}: a release's model settings are its own (only {', '.join(FREE)} may change)")
+    if overrides.get("block_size", 0) > settings["block_size"]:
+        raise ReleaseError(f"block_size={overrides['block_size']} is longer than the release's {settings['block_size']} "
+                           f"({where}): it may only shrink")
+    return {**out, **overrides}
+
+
+def check_file(reader, plan, drops, shapes, where):
+    """From the header, before any value is read: every tensor consumed or dropped, every parameter filled, every
+    shape what the config implies, one float dtype. Returns that dtype's name."""
+    have = reader.meta
+    missing = [k for k in [*plan, *drops] if k not in have]
+    extra = [k for k in have if k not in plan and k not in drops]
+    for keys, why in ((missing, "is missing: not the file this config describes"),
+                      (extra, "is not part of the model this config describes: refused rather than dropped unread")):
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise ReleaseError(f"{where}: tensor {keys[0]!r}{more} {why}")
+    expect = {}
+    for key, params in plan.items():  # the row blocks of a tensor, one per parameter
+        expect[key] = (sum(shapes[p][0] for p in params), *shapes[params[0]][1:])
+    expect.update({k: expect[same] for k, (same, _) in drops.items()})
+    for k, (shape, dtype) in have.items():
+        if shape != expect[k]:
+            raise ReleaseError(f"{where}: tensor {k!r} has shape {list(shape)}; the config implies {list(expect[k])}")
+        if dtype not in DTYPES.values():
+            raise ReleaseError(f"{where}: tensor {k!r} is {dtype}, not a float tensor")
+    first = next(iter(have.values()))[1]
+    odd = next((k for k, (_, dtype) in have.items() if dtype != first), None)
+    if odd is not None:
+        raise ReleaseError(f"{where}: tensor {odd!r} is {have[odd][1]} where the others are {first}: one release, "
+                           f"one dtype")
+    filled = {p for params in plan.values() for p in params}
+    unfilled = [p for p in shapes if p not in filled]
+    if unfilled:  # the map's own bug, never the file's
+        raise ReleaseError(f"{where}: nothing in the map fills parameter {unfilled[0]!r}")
+    return first
+
+
+def convert(reader, plan, drops, shapes, dtype, where):
+    """{parameter: tensor}: each a row block of its file tensor in dtype, a view of the file when no cast is
+    needed. The dropped tensors are checked first (on the meta device they cannot be)."""
+    import torch
+    for k, (same, why) in drops.items():
+        a, b = reader.get(k), reader.get(same)
+        if not a.is_meta and not torch.equal(a, b):
+            diff = (a.float() - b.float()).abs().max().item()
+            raise ReleaseError(f"{where}: tensor {k!r}, {why}, differs from {same!r} (max |diff| {diff:.3g}): "
+                               f"not the file this config describes")
+    state = {}
+    for key, params in plan.items():
+        t, row = reader.get(key), 0
+        for p in params:
+            state[p] = t[row:row + shapes[p][0]].to(dtype)  # .to: the same tensor when it has this dtype already
+            row += shapes[p][0]
+    return state
+
+
+def accounting(reader, plan, drops):
+    """One line per tensor of the file: its shape and what became of it."""
+    lines = []
+    for k, (shape, _) in reader.meta.items():
+        if k in drops:
+            what = f"dropped: {drops[k][1]}, checked equal to {drops[k][0]}"
+        else:
+            what = " + ".join(plan[k]) + (" (its rows in this order)" if len(plan[k]) > 1 else "")
+        lines.append(f"  {k} {list(shape)} -> {what}")
+    return lines
+
+
+def param_shapes(config):
+    """{name: shape} of every parameter of GPT(config), built on the meta device (no memory)."""
+    import torch
+    from model import GPT
+    with torch.device("meta"):
+        return {k: tuple(p.shape) for k, p in GPT(config).named_parameters()}
+
+
+def build(config, state, device="cpu"):
+    """GPT(config) in eval mode whose parameters are the tensors of state, not copies."""
+    import torch
+    from model import GPT, rope_tables
+    with torch.device("meta"):
+        model = GPT(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.cos, model.sin = rope_tables(config)  # made on the meta device with the rest: the real tables
+    return model.to(device).eval()
+
+
+class Release:
+    """A release found, its config mapped to a GPTConfig and its weights file checked from the header: nothing
+    heavy is read until model(). overrides: GPTConfig settings to change (the FREE ones)."""
+
+    def __init__(self, name_or_dir, overrides=None):
+        from model import GPTConfig
+        self.files = files = Files(name_or_dir)
+        where = files.path("config.json")
+        try:
+            with open(where) as f:
+                c = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ReleaseError(f"{where}: not a JSON config ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        self.family, settings, self.lines, weights, self.plan, self.drops = release_map(
+            c, where, lambda f: files.path(f, required=False))
+        settings = apply_overrides(settings, overrides, files.where())
+        try:
+            self.config = GPTConfig(**settings)
+        except ValueError as e:
+            raise ReleaseError(f"{where}: {e}") from None
+        self.shapes = param_shapes(self.config)
+        files.weights = files.path(weights)
+        self.reader = SafetensorsFile(files.weights)
+        self.dtype = check_file(self.reader, self.plan, self.drops, self.shapes, files.weights)
+
+    def model(self, device="cpu", dtype=None):
+        """The GPT in eval mode. dtype: its parameters' (a torch dtype or its name; default float32)."""
+        import torch
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
+        model = build(self.config, convert(self.reader, self.plan, self.drops, self.shapes, dtype, self.files.weights),
+                      device)
+        model.release = self  # where it came from: record() for a run record
+        return model
+
+    def tokenizer(self):
+        return GPT2Tokenizer()  # LoopLM's, and nanoloop's own
+
+    def record(self):
+        """What a run record keeps: family, name, hub repo and commit (or the folder), and each file's sha256."""
+        return {"family": self.family, **self.files.record()}
+
+
+def load(name_or_dir, device="cpu", dtype=None, overrides=None):
+    """(model, tokenizer) of a release: a short name, a hub repo owner/name[@revision], or a local folder in the
+    release's layout. The model is a model.GPT in eval mode computing the release's function; model.release is
+    its Release (record() for a run record). dtype: the parameters' (default float32). overrides: see Release."""
+    release = Release(name_or_dir, overrides)
+    return release.model(device, dtype), release.tokenizer()
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+class GPT2Tokenizer:
+    """GPT-2's BPE through tiktoken (nanoloop's own shards, and LoopLM's): encode, decode and the special ids."""
+    name = "gpt2"
+
+    def __init__(self):
+        from prepare_fineweb import EOT, gpt2_encoding
+        self.enc = gpt2_encoding()
+        self.n_vocab = self.enc.n_vocab    # 50257; models pad their tables to 50304
+        self.bos = self.eos = EOT          # every document starts with <|endoftext|>, as nanoloop's shards
+        self.special = {"<|endoftext|>": EOT}
+
+    def encode(self, text, specials=False):
+        """Token ids of text; specials=True reads <|endoftext|> in it as the special token (sample.py's prompts)."""
+        return self.enc.encode(text, allowed_special=set(self.special)) if specials else self.enc.encode_ordinary(text)
+
+    def decode(self, ids):
+        """The text of ids; ids past the tokenizer (a padded table's rows) become U+FFFD."""
+        pieces = (self.enc.decode_single_token_bytes(t) if t < self.n_vocab else "\ufffd".encode() for t in ids)
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+    def token_bytes(self, vocab_size):
+        """UTF-8 bytes of each id (vocab_size,), for bits per byte: 0 for specials and padding."""
+        from prepare_fineweb import token_byte_lengths
+        return token_byte_lengths(vocab_size)
+
+
+def checkpoint_tokenizer(ckpt):
+    """The tokenizer a train.py checkpoint was made with: its "tokenizer" entry (a fine-tuned release's), else GPT-2."""
+    name = ckpt.get("tokenizer", "gpt2")
+    if name != "gpt2":
+        raise ValueError(f"the checkpoint's tokenizer {name!r} is unknown to this code")
+    return GPT2Tokenizer()
+
+
+def check_ids(ids, model, what="the prompt"):
+    """A one-line ValueError for a token id the model's embedding has no row for."""
+    bad = max(ids, default=0)
+    if bad >= model.config.vocab_size:
+        raise ValueError(f"{what} has token id {bad}, past the model's vocabulary of {model.config.vocab_size}")
+
+
+# -----------------------------------------------------------------------------
+# python pretrained.py NAME: the check a user with the real files runs first
+
+
+def text_loss(model, tok, depths, text=TEXT):
+    """{T: (loss in nats per token, bits per byte)} of text, which starts a document, at each depth T."""
+    import torch
+    import torch.nn.functional as F
+    ids = ([tok.bos] if tok.bos is not None else []) + tok.encode(text)
+    check_ids(ids, model, "the built-in text")
+    x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+    nbytes = torch.as_tensor(tok.token_bytes(model.config.vocab_size))[y[0]]
+    out = {}
+    with torch.no_grad():
+        for T in depths:
+            logits, loss = model(x, y, num_loops=T)
+            nll = F.cross_entropy(logits[0].float(), y[0], reduction="none")
+            out[T] = (loss.item(), (nll * (nbytes > 0)).sum().item() / (math.log(2) * nbytes.sum().item()))
+    return out
+
+
+def main(argv):
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return
+    if argv[0] == "--list":
+        for name, repo in RELEASES.items():
+            fam = next(f for f in ("LoopLM", "Parcae", "Ouro") if name.startswith(f.lower()))
+            print(f"  {name:<20} {repo:<30} {'loads' if fam in FAMILIES else 'not yet: ' + PLANNED[fam]}")
+        return
+    if len(argv) > 1:
+        raise ReleaseError(f"one release at a time, got {' '.join(argv)}")
+    r = Release(argv[0])
+    rec = r.record()
+    print(f"{argv[0]}: a {r.family} release, " + (f"hub repo {r.files.repo} at commit {rec['revision']}" if r.files.repo
+                                                 else f"local folder {rec['folder']}"))
+    for f, p in r.files.paths.items():
+        print(f"  {f:<18} {os.path.getsize(p):>14,} bytes  sha256 {rec['files'][f]}")
+    print("config.json -> GPTConfig:")
+    width = max(len(a) for a, _ in r.lines)
+    print("\n".join(f"  {a:<{width}} -> {b}" for a, b in r.lines))
+    print(f"{os.path.basename(r.files.weights)}: {len(r.reader.meta)} tensors, {r.dtype}; each consumed by parameters "
+          f"or dropped after its check:")
+    print("\n".join(accounting(r.reader, r.plan, r.drops)))
+    model, tok = r.model(), r.tokenizer()
+    n_file = sum(math.prod(s) for s, _ in r.reader.meta.values())
+    print(f"parameters: {model.get_num_params():,}; the file holds {n_file:,} values, "
+          f"{n_file - model.get_num_params():,} of them in dropped copies")
+    mu = r.config.mean_recurrence
+    try:
+        res = text_loss(model, tok, sorted({1, 2, max(1, mu // 2), mu, 2 * mu}))
+    except ValueError as e:  # a tiny test model whose table holds a part of the vocabulary
+        print(f"loss on the built-in text: skipped, {e}")
+        return
+    print(f"loss on the built-in text ({len(tok.encode(TEXT))} {tok.name} tokens after one <|endoftext|>; a uniform "
+          f"guess is {math.log(r.config.vocab_size):.2f} nats), initial state 0, by loop depth T:")
+    for T, (loss, bpb) in res.items():
+        print(f"  T={T:<3} loss {loss:.4f}   bpb {bpb:.4f}" + ("   <- the release's depth" if T == mu else ""))
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    except BrokenPipeError:  # `| head` closed the pipe early: fine, but the exit's flush must not retry
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)

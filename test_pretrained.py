@@ -1,0 +1,482 @@
+"""Tests of pretrained.py: released looped LMs loaded exactly (CPU, offline).   python -m pytest -q test_pretrained.py
+
+The references are read from ../shared/pretrained (README there): tiny models written by each family's official
+code in its release's file layout, with logits of the official forward, and the key inventories of the real
+releases. Nothing of them is copied into this repository.
+
+    python test_pretrained.py synthetic looplm-135m-naive data/synthetic/looplm-135m-naive
+writes a release-layout file of the real size with random values (for bench.py's load and speed numbers).
+"""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(ROOT, "..", "shared", "pretrained")
+_CACHE = os.path.join(ROOT, "..", "shared", "tiktoken_cache")
+if os.path.isdir(_CACHE):  # the GPT-2 BPE file, for machines without network
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", _CACHE)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # subprocesses: two OpenMP threads on a busy machine crawl
+
+import pretrained as P  # noqa: E402
+from model import GPTConfig  # noqa: E402
+
+LOOPLM = os.path.join(SHARED, "looplm-tiny")
+ENV = dict(os.environ, HF_HUB_OFFLINE="1")  # never the network, in any subprocess
+
+
+def reference(folder):
+    return torch.load(os.path.join(folder, "reference.pt"), weights_only=True)
+
+
+def inventory(name):
+    with open(os.path.join(SHARED, "inventory", f"{name}.json")) as f:
+        return json.load(f)
+
+
+def write_synthetic(name, folder, seed=0):
+    """A release folder in the real release's exact layout (the inventory's config, keys, shapes and dtypes) with
+    random values: the size of the real file without its weights. The tied head's copy equals the embedding."""
+    from safetensors.torch import save_file
+    inv = inventory(name)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for k, (shape, dtype) in sorted(inv["tensors"].items()):
+        t = torch.randn(shape, generator=g) * 0.02 + (1.0 if len(shape) == 1 else 0.0)  # gains near 1
+        tensors[k] = t.to(getattr(torch, dtype))
+    fam, _, _, weights, _, drops = P.release_map(inv["config"], name)
+    for k, (same, _) in drops.items():
+        tensors[k] = tensors[same].clone()
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, weights))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(inv["config"], f)
+    return folder
+
+
+def widened_looplm(folder, vocab=50304, seed=0):
+    """The LoopLM fixture with its embedding (and the head's copy) grown to GPT-2's padded 50304 rows, the new rows
+    random: a release-format model whose vocabulary takes any GPT-2 text (the fixture's 256 rows take bytes only)."""
+    from safetensors.torch import load_file, save_file
+    sd = load_file(os.path.join(LOOPLM, "model.safetensors"))
+    emb = sd["model.embed.weight"]
+    extra = torch.randn(vocab - len(emb), emb.size(1), generator=torch.Generator().manual_seed(seed)) * emb.std()
+    sd["model.embed.weight"] = torch.cat([emb, extra])
+    sd["model.lm_head.weight"] = sd["model.embed.weight"].clone()
+    os.makedirs(folder, exist_ok=True)
+    save_file(sd, os.path.join(folder, "model.safetensors"))
+    with open(os.path.join(LOOPLM, "config.json")) as f:
+        config = dict(json.load(f), vocab_size=vocab)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    shutil.copy(os.path.join(LOOPLM, "spec.json"), folder)
+    return folder
+
+
+# the fixture against the official forward ------------------------------------------------------------------
+REF = reference(LOOPLM)
+DEPTHS = sorted(int(k.split("_")[1][1:]) for k in REF if k.startswith("logits_") and k.endswith("h0zero"))
+
+
+def test_the_fixture_gives_three_depths():
+    assert DEPTHS == [1, 3, 6]  # the README's T in {1, 3, 6}: a changed fixture is noticed, not skipped
+
+
+@pytest.fixture(scope="module")
+def looplm():
+    return P.load(LOOPLM)
+
+
+@pytest.mark.parametrize("T", DEPTHS)
+@pytest.mark.parametrize("h0", ["zero", "given"])
+def test_looplm_logits_equal_the_official_forward(looplm, T, h0):
+    model, _ = looplm
+    assert not model.training and model.config.mean_recurrence == 6  # eval mode, the release's depth
+    with torch.no_grad():
+        logits, _ = model(REF["tokens"], REF["tokens"], num_loops=T, h0=REF["h0"] if h0 == "given" else None)
+    ref = REF[f"logits_T{T}_h0{h0}"]
+    assert logits.dtype == torch.float32 and logits.shape == ref.shape
+    assert (logits - ref).abs().max().item() < 1e-5
+    # a step more or less is far outside that: the comparison can fail
+    with torch.no_grad():
+        other, _ = model(REF["tokens"], REF["tokens"], num_loops=T + 1)
+    assert (other - REF[f"logits_T{T}_h0zero"]).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("use_cache,cache", [(True, "full"), (False, "full")])
+def test_looplm_greedy_generation_gives_the_reference_tokens(looplm, use_cache, cache):
+    model, _ = looplm
+    prompt = REF["greedy_prompt"][None]
+    for T in DEPTHS:
+        if f"greedy_T{T}" not in REF:
+            continue
+        out = model.generate(prompt, len(REF[f"greedy_T{T}"]), temperature=0, num_loops=T, use_cache=use_cache,
+                             cache=cache)
+        assert out[0, prompt.size(1):].tolist() == REF[f"greedy_T{T}"].tolist()
+
+
+def test_num_loops_zero_in_sample_means_the_releases_depth(looplm):
+    model, _ = looplm
+    with torch.no_grad():
+        default, _ = model(REF["tokens"], REF["tokens"])  # no num_loops: eval runs mean_recurrence = mu_rec
+    assert (default - REF["logits_T6_h0zero"]).abs().max().item() < 1e-5
+
+
+def test_the_load_maps_the_file_without_copying(looplm):
+    model, _ = looplm
+    for block in (*model.prelude, *model.core, *model.coda):
+        a = block.attn  # q, k, v: row blocks of the file's fused qkv, one storage; gate and up of w13 likewise
+        assert a.q.weight.untyped_storage().data_ptr() == a.k.weight.untyped_storage().data_ptr() == \
+            a.v.weight.untyped_storage().data_ptr()
+        assert block.mlp.gate.weight.untyped_storage().data_ptr() == block.mlp.up.weight.untyped_storage().data_ptr()
+        assert a.q_norm.weight.numel() == 8 and block.ln_1.eps == 1e-6 and a.q_norm.eps == 1e-6
+
+
+def test_eval_state_random_is_the_releases_own_draw(looplm):
+    """eval_state='random' with LoopLM's state_init draws h0 = 0.02 randn at every forward, as its code does."""
+    model, _ = looplm
+    random_model, _ = P.load(LOOPLM, overrides={"eval_state": "random"})
+    x = REF["tokens"]
+    torch.manual_seed(7)
+    with torch.no_grad():
+        drawn, _ = random_model(x, x)
+        again, _ = random_model(x, x)
+    torch.manual_seed(7)
+    h0 = 0.02 * torch.randn(*x.shape, model.config.n_embd)
+    with torch.no_grad():
+        given, _ = model(x, x, h0=h0)
+    assert torch.equal(drawn, given)
+    assert not torch.equal(drawn, again)  # a fresh draw every forward
+    assert (drawn - REF["logits_T6_h0zero"]).abs().max().item() > 1e-4  # it changes the logits, a little
+
+
+# the real releases' layout, on the meta device ----------------------------------------------------------------
+PUBLISHED = {"looplm-135m-naive": 134.1e6}  # parameters as the release states them (LoopLM's README: 134.1M)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_real_release_inventory_maps_on_the_meta_device(name):
+    inv = inventory(name)
+    fam, settings, _, _, plan, drops = P.release_map(inv["config"], name)
+    config = GPTConfig(**P.apply_overrides(settings, None, name))
+    shapes = P.param_shapes(config)
+    reader = P.Inventory(inv["tensors"])
+    assert P.check_file(reader, plan, drops, shapes, name) == "float32"
+    state = P.convert(reader, plan, drops, shapes, torch.float32, name)
+    assert {k: tuple(v.shape) for k, v in state.items()} == shapes and all(v.is_meta for v in state.values())
+    consumed = [k for k in plan] + [k for k in drops]
+    assert sorted(consumed) == sorted(inv["tensors"])  # every tensor of the file, once
+    n = sum(math.prod(s) for s in shapes.values())
+    assert n == sum(math.prod(shape) for k, (shape, _) in inv["tensors"].items() if k not in drops)
+    assert round(n / 1e5) == round(PUBLISHED[name] / 1e5)
+    assert config.mean_recurrence == 6 and config.vocab_size == 50304 and config.n_embd == 1024
+
+
+@pytest.mark.parametrize("name,family", [("parcae-140m", "Parcae"), ("ouro-1.4b", "Ouro")])
+def test_families_not_built_yet_are_named_not_guessed(name, family):
+    with pytest.raises(P.ReleaseError, match=f"a {family} release; nanoloop cannot load {family} yet"):
+        P.release_map(inventory(name)["config"], name)
+
+
+# bad input: one line naming the culprit, nothing loaded --------------------------------------------------------
+def edited_copy(tmp_path, tensors=None, config=None, raw=None):
+    """A copy of the LoopLM fixture with its tensors or config edited."""
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path / "release"
+    shutil.copytree(LOOPLM, folder)
+    if tensors is not None:
+        sd = load_file(os.path.join(LOOPLM, "model.safetensors"))
+        tensors(sd)
+        save_file(sd, folder / "model.safetensors")
+    if config is not None:
+        with open(os.path.join(LOOPLM, "config.json")) as f:
+            c = json.load(f)
+        config(c)
+        with open(folder / "config.json", "w") as f:
+            json.dump(c, f)
+    if raw is not None:
+        raw(folder)
+    return str(folder)
+
+
+def cut(folder):  # a download that stopped early
+    path = os.path.join(folder, "model.safetensors")
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) - 1000])
+
+
+BAD = {
+    "key removed": (dict(tensors=lambda sd: sd.pop("model.loop.attn.q_norm.weight")),
+                    ["'model.loop.attn.q_norm.weight'", "is missing", "model.safetensors"]),
+    "key added": (dict(tensors=lambda sd: sd.update({"model.loop.attn.bias": torch.zeros(32)})),
+                  ["'model.loop.attn.bias'", "not part of the model", "model.safetensors"]),
+    "shape changed": (dict(tensors=lambda sd: sd.update({"model.coda.0.ffn.w2.weight": torch.zeros(32, 65)})),
+                      ["'model.coda.0.ffn.w2.weight'", "[32, 65]", "[32, 64]"]),
+    "dtype mixed": (dict(tensors=lambda sd: sd.update({"model.final_norm.weight": sd["model.final_norm.weight"].half()})),
+                    ["'model.final_norm.weight'", "float16", "float32"]),
+    "head differs": (dict(tensors=lambda sd: sd["model.lm_head.weight"].mul_(1.001)),
+                     ["'model.lm_head.weight'", "differs from 'model.embed.weight'"]),
+    "truncated": (dict(raw=cut), ["model.safetensors", "not a complete safetensors file"]),
+    "unsupported value": (dict(config=lambda c: c.update(use_a_matrix=True)), ["config.json", "'use_a_matrix'", "true"]),
+    "untied head": (dict(config=lambda c: c.update(tie_embeddings=False)), ["'tie_embeddings'", "untied"]),
+    "no qk norm": (dict(config=lambda c: c.update(qk_norm=False)), ["'qk_norm'"]),
+    "head dim": (dict(config=lambda c: c.update(head_dim=16)), ["'head_dim' = 16"]),
+    "unknown field": (dict(config=lambda c: c.update(sliding_window=512)), ["'sliding_window'", "unknown"]),
+    "wrong type": (dict(config=lambda c: c.update(d_model="32")), ["'d_model'", "should be int"]),
+    "missing field": (dict(config=lambda c: c.pop("rope_theta")), ["'rope_theta'"]),
+    "not json": (dict(raw=lambda f: open(os.path.join(f, "config.json"), "w").write("{oops")), ["config.json", "JSON"]),
+    "no weights": (dict(raw=lambda f: os.remove(os.path.join(f, "model.safetensors"))), ["has no model.safetensors"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_release_is_one_line_naming_the_culprit(tmp_path, case):
+    edit, words = BAD[case]
+    folder = edited_copy(tmp_path, **edit)
+    with pytest.raises(P.ReleaseError) as e:
+        P.load(folder)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+
+
+def test_the_check_command_says_the_same_in_one_line(tmp_path):
+    folder = edited_copy(tmp_path, **BAD["key removed"][0])
+    r = subprocess.run([sys.executable, "pretrained.py", folder], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "model.loop.attn.q_norm.weight" in r.stderr
+
+
+@pytest.mark.parametrize("name,words", [
+    ("looplm-135m", ["unknown release 'looplm-135m'", "did you mean looplm-135m-naive?"]),
+    ("no spaces allowed", ["unknown release"]),
+])
+def test_unknown_name_is_one_line(name, words):
+    with pytest.raises(P.ReleaseError) as e:
+        P.load(name)
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_offline_hub_with_nothing_cached_says_how_to_go_on(tmp_path):
+    env = dict(ENV, HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "pretrained.py", "looplm-135m-naive"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    for words in ("harims95/LoopLM-135M-naive", "not in the Hugging Face cache", "HF_HUB_OFFLINE", "local folder"):
+        assert words in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("overrides,words", [
+    ({"n_embd": 64}, ["n_embd=64 contradicts", "n_embd=32"]),
+    ({"mlp": "relu2"}, ["mlp='relu2' contradicts"]),
+    ({"norm_eps": 1e-5}, ["norm_eps=1e-05 contradicts"]),
+    ({"block_size": 2048}, ["block_size=2048 is longer than the release's 1024"]),
+    ({"learning_rate": 1.0}, ["'learning_rate' is not a model setting"]),
+])
+def test_a_setting_that_contradicts_the_release_is_refused(overrides, words):
+    with pytest.raises(P.ReleaseError) as e:
+        P.Release(LOOPLM, overrides)
+    assert all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_depth_and_state_settings_may_change():
+    free = {"mean_recurrence": 8, "backprop_depth": 8, "depth_sampling": "fixed", "state_init": "zero",
+            "eval_state": "random", "loop_checkpoint": True, "block_size": 64, "n_embd": 32}  # n_embd: the same value
+    model, _ = P.load(LOOPLM, overrides=free)
+    assert all(getattr(model.config, k) == v for k, v in free.items()) and model.cos.shape == (64, 4)
+    with torch.no_grad():  # the weights compute the same function: the T = 6 logits at depth 6, h0 = 0
+        model.config.eval_state = "zero"
+        logits, _ = model(REF["tokens"], REF["tokens"], num_loops=6)
+    assert (logits - REF["logits_T6_h0zero"]).abs().max().item() < 1e-5
+
+
+# the check command ------------------------------------------------------------------------------------------------
+def test_check_command_accounts_for_every_tensor():
+    r = subprocess.run([sys.executable, "pretrained.py", LOOPLM], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    from safetensors import safe_open
+    with safe_open(os.path.join(LOOPLM, "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    lines = r.stdout.splitlines()
+    for k in keys:  # each tensor once, with what became of it
+        assert sum(line.strip().startswith(k + " ") for line in lines) == 1, k
+    assert any("model.lm_head.weight" in line and "dropped" in line and "checked equal" in line for line in lines)
+    assert "parameters: 45,408" in r.stdout and "sha256 " in r.stdout
+    assert "use_a_matrix = false" in r.stdout and "injection='add'" in r.stdout
+    assert "loss on the built-in text: skipped" in r.stdout  # 256 rows cannot take GPT-2 text
+
+
+def test_check_command_reports_loss_by_depth_on_a_full_vocabulary(tmp_path):
+    folder = widened_looplm(str(tmp_path / "wide"))
+    r = subprocess.run([sys.executable, "pretrained.py", folder], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    model, tok = P.load(folder)
+    want = P.text_loss(model, tok, [1, 6])
+    for T in (1, 6):
+        assert f"T={T:<3} loss {want[T][0]:.4f}   bpb {want[T][1]:.4f}" in r.stdout
+    assert "T=12" in r.stdout and "<- the release's depth" in r.stdout
+
+
+def test_record_names_the_files_and_their_sha256(looplm):
+    import hashlib
+    model, _ = looplm
+    rec = model.release.record()
+    with open(os.path.join(LOOPLM, "model.safetensors"), "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert rec["family"] == "LoopLM" and rec["files"]["model.safetensors"] == digest
+    assert rec["folder"] == os.path.abspath(LOOPLM) and rec["repo"] is None
+
+
+def test_gpt2_tokenizer_round_trip(looplm):
+    _, tok = looplm
+    text = "Loops, at test time: 1984 ✓"
+    assert tok.decode(tok.encode(text)) == text and tok.bos == tok.eos == 50256 and tok.n_vocab == 50257
+    assert tok.encode("<|endoftext|>", specials=True) == [50256] and len(tok.encode("<|endoftext|>")) > 1
+    assert tok.decode([50300]) == "\ufffd"  # a padded row: no text
+
+
+# everywhere a user expects it: sample.py, eval.py, train.py (fine-tune), bench.py ---------------------------------
+def run(script, *args, env=ENV):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    return widened_looplm(str(tmp_path_factory.mktemp("release") / "looplm-wide"))
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    from prepare_fineweb import build_sample
+    folder = str(tmp_path_factory.mktemp("sample"))
+    build_sample(folder)
+    return folder
+
+
+def test_sample_from_a_release_with_the_cache_and_every_exit(wide):
+    model, tok = P.load(wide)
+    prompt = "The history of"
+    want = model.generate(torch.tensor([tok.encode(prompt)]), 12, temperature=0, num_loops=6, use_cache=False)
+    args = [f"--init_from={wide}", f"--start={prompt}", "--temperature=0", "--num_samples=1", "--max_new_tokens=12",
+            "--device=cpu"]
+    r = run("sample.py", *args, "--num_loops=0")  # 0: the release's depth, 6
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0] == tok.decode(want[0].tolist()) and "[loop depth 6," in r.stdout
+    for crit, q in (("kl", "0.01"), ("latent", "0.5")):
+        r = run("sample.py", *args, f"--exit_criterion={crit}", f"--exit_threshold={q}", "--num_loops=12")
+        assert r.returncode == 0, r.stderr
+        steps = float(r.stdout.split("mean loop steps per generated token ")[1].split(",")[0])
+        assert 1 <= steps < 12, r.stdout  # some tokens left the loop early
+    r = run("sample.py", *args, "--exit_criterion=gate")
+    assert r.returncode == 1 and "has none (exit_gate=False)" in r.stderr
+    r = run("sample.py", *args, "--eval_state=random", "--seed=3")
+    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith(prompt), r.stderr
+
+
+def test_sample_refuses_a_prompt_past_the_models_vocabulary():
+    r = run("sample.py", f"--init_from={LOOPLM}", "--start=The", "--device=cpu")  # 256 rows: GPT-2 bytes only
+    assert r.returncode == 1 and r.stderr.strip() == "error: the prompt has token id 464, past the model's vocabulary of 256"
+    r = run("sample.py", f"--init_from={LOOPLM}", "--start=a", "--temperature=0", "--num_samples=1",
+            "--max_new_tokens=4", "--device=cpu")  # "a" is GPT-2's single-byte token 64: it fits
+    assert r.returncode == 0, r.stderr
+
+
+def test_eval_a_release_by_depth(wide, text, tmp_path):
+    from test_eval import write_eval_data
+    data = write_eval_data(tmp_path / "evaldata")
+    r = run("eval.py", f"--init_from={wide}", f"--data_dir={text}", f"--eval_data_dir={data}", "--eval_loops=1,6",
+            "--val_tokens=2048", f"--out_dir={tmp_path}", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(tmp_path, f"eval_{wide.strip('/').replace('/', '_')}.json")) as f:
+        res = json.load(f)
+    assert res["release"]["files"]["model.safetensors"] and res["eval_loops"] == [1, 6]
+    assert set(res["tasks"]) == {"val", "hellaswag", "lambada"} and res["tasks"]["val"]["items"] == 2048
+    # the val numbers are those of the release's model on the shard's first 2 rows of 1024
+    import numpy as np
+    from prepare_fineweb import open_shard
+    val = np.concatenate([open_shard(os.path.join(text, f)) for f in sorted(os.listdir(text)) if "_val_" in f])
+    tokens = torch.from_numpy(val[:2049].astype(np.int64))
+    model, tok = P.load(wide)
+    nbytes = torch.as_tensor(tok.token_bytes(50304))[tokens[1:]]
+    for T in (1, 6):
+        with torch.no_grad():
+            logits, loss = model(tokens[:-1].view(2, 1024), tokens[1:].view(2, 1024), num_loops=T)
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[1:], reduction="none")
+        assert res["tasks"]["val"]["metrics"]["loss"][str(T)] == pytest.approx(loss.item(), rel=1e-5)
+        bpb = nll[nbytes > 0].sum().item() / (math.log(2) * nbytes.sum().item())
+        assert res["tasks"]["val"]["metrics"]["bpb"][str(T)] == pytest.approx(bpb, rel=1e-5)
+
+
+FT = ["--block_size=64", "--batch_size=2", "--total_batch_size=128", "--val_tokens=512", "--eval_loops=1,6",
+      "--log_interval=1", "--compile=False", "--device=cpu", "--muon_lr=0.002", "--adam_lr=3e-4"]
+
+
+def test_fine_tune_a_release_then_resume_sample_and_eval(wide, text, tmp_path):
+    out = str(tmp_path / "ft")
+    r = run("train.py", f"--init_from={wide}", f"--data_dir={text}", f"--out_dir={out}", *FT, "--max_iters=4",
+            "--eval_interval=4")
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    args = ckpt["model_args"]
+    assert (args["qk_norm"], args["norm_eps"], args["mlp"], args["n_embd"], args["vocab_size"]) == \
+        ("gain", 1e-6, "swiglu", 32, 50304)
+    assert args["block_size"] == 64 and args["mean_recurrence"] == 6 and args["state_init"] == "normal"
+    assert ckpt["tokenizer"] == "gpt2" and ckpt["config"]["n_embd"] == 32  # the saved settings describe the model
+    assert ckpt["config"]["qk_norm"] == "gain" and ckpt["config"]["init_from"] == wide
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    rec = log[0]["run"]["release"]
+    assert rec["family"] == "LoopLM" and len(rec["files"]["model.safetensors"]) == 64
+    assert ckpt["runs"][0]["release"] == rec
+    # the evaluation at iter 0 is the release's own model: fine-tuning starts from its weights
+    first = next(x for x in log if "val" in x)
+    model, _ = P.load(wide, overrides={"block_size": 64})
+    import numpy as np
+    from prepare_fineweb import open_shard
+    val = np.concatenate([open_shard(os.path.join(text, f)) for f in sorted(os.listdir(text)) if "_val_" in f])
+    tokens = torch.from_numpy(val[:513].astype(np.int64))
+    with torch.no_grad():
+        want = model(tokens[:-1].view(8, 64), tokens[1:].view(8, 64), num_loops=6)[1].item()
+    assert first["iter"] == 0 and first["val"]["6"] == pytest.approx(want, rel=1e-5)
+    # an ordinary checkpoint: it resumes, samples and evaluates with no flag about the release
+    r = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=6")
+    assert r.returncode == 0 and "resuming from" in r.stdout, r.stdout + r.stderr
+    r = run("sample.py", f"--out_dir={out}", "--start=The loop", "--num_samples=1", "--max_new_tokens=5", "--device=cpu")
+    assert r.returncode == 0 and r.stdout.startswith("The loop"), r.stderr
+
+
+def test_fine_tune_refuses_a_contradicting_setting_before_writing_anything(wide, text, tmp_path):
+    out = str(tmp_path / "never")
+    r = run("train.py", "config/tiny.py", f"--init_from={wide}", f"--data_dir={text}", f"--out_dir={out}", *FT)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and not os.path.exists(out), r.stderr
+    assert "n_embd=128, n_prelude=1, injection='diagonal' contradict the release" in r.stderr  # all of them, at once
+    assert "which has n_embd=32, n_prelude=2, injection='add'" in r.stderr
+    r = run("train.py", f"--init_from={wide}", f"--data_dir={text}", f"--out_dir={out}", *FT, "--block_size=2048")
+    assert r.returncode == 1 and "may only shrink" in r.stderr and not os.path.exists(out)
+    r = run("train.py", "--init_from=looplm-135m", f"--data_dir={text}", f"--out_dir={out}", *FT)
+    assert r.returncode == 1 and "did you mean looplm-135m-naive?" in r.stderr and not os.path.exists(out)
+
+
+def test_bench_a_release(wide):
+    r = run("bench.py", f"--init_from={wide}", "--device=cpu", "--decode_tokens=3", "--prompt_len=8")
+    assert r.returncode == 0, r.stderr
+    assert "LoopLM, 1.65M parameters" in r.stdout and "x the file's size" not in r.stdout and "peak RSS" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["6"]]
+    assert [row[1] for row in rows] == ["full", "last", "none"]  # its depth, cache on (two kinds) and off
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "synthetic":
+        raise SystemExit("usage: python test_pretrained.py synthetic NAME FOLDER   (NAME: an inventory in ../shared)")
+    print(f"wrote {write_synthetic(sys.argv[2], sys.argv[3])}")
