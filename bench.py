@@ -209,14 +209,21 @@ def bench_release():
         raise SystemExit(f"bench.py: {' '.join(str(e).split())}")
     dt, size = clock() - t0, os.path.getsize(r.files.weights)
     print(f"{init_from}: {r.family}, {model.get_num_params() / 1e6:.2f}M parameters, {r.files.weights} "
-          f"{size / 2**20:,.1f} MiB ({r.dtype}), loaded as float32 on {device} in {dt:.2f} s")
-    if not cuda:
+          f"{size / 2**20:,.1f} MiB ({r.dtype}), loaded as float32 on {device} in {dt:.2f} s"
+          + (" (memory-mapped: pages are read as they are first used)" if not cuda else ""))
+
+    def rss(when):  # the whole process's peak; the weights' pages count once they are touched
         rss1 = peak_rss()
-        print(f"peak RSS {rss0 / 2**20:,.0f} MiB before the load (Python and torch), {rss1 / 2**20:,.0f} MiB after: "
-              f"x{rss1 / size:.2f} the file's size (x{(rss1 - rss0) / size:.2f} for the load itself)")
+        print(f"peak RSS {when}: {rss1 / 2**20:,.0f} MiB, x{rss1 / size:.2f} the file's size; "
+              f"{(rss1 - rss0) / 2**20:,.0f} MiB above the {rss0 / 2**20:,.0f} MiB before the load (Python and torch), "
+              f"x{(rss1 - rss0) / size:.2f}")
+    if not cuda:
+        rss("after the load")
     loops = infer_loops if "infer_loops" in cli_keys else (r.config.mean_recurrence,)  # default: its own depth
     print(f"\ninference: batch 1, prompt {prompt_len} tokens, {decode_tokens} decoded tokens, greedy")
     print_table(bench_inference(model, loops))
+    if not cuda:
+        rss("after inference (every weight used)")
 
 
 if release:

@@ -176,6 +176,7 @@ class Files:
 class SafetensorsFile:
     def __init__(self, path):
         from safetensors import safe_open
+        self.path = path
         try:
             self.f = safe_open(path, "pt")
         except Exception as e:  # safetensors' own error: a truncated file, another format ...
@@ -189,6 +190,9 @@ class SafetensorsFile:
     def get(self, key):
         return self.f.get_tensor(key)  # a view of the memory-mapped file: nothing is read until it is used
 
+    def again(self):
+        return SafetensorsFile(self.path)  # the same file, mapped once more
+
 
 class Inventory:
     """A release's tensor list (name: [shape, dtype]) standing in for its file: values on the meta device."""
@@ -200,6 +204,9 @@ class Inventory:
         import torch
         shape, dtype = self.meta[key]
         return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+
+    def again(self):
+        return self
 
 
 # -----------------------------------------------------------------------------
@@ -415,12 +422,14 @@ def convert(reader, plan, drops, shapes, dtype, where):
     """{parameter: tensor}: each a row block of its file tensor in dtype, a view of the file when no cast is
     needed. The dropped tensors are checked first (on the meta device they cannot be)."""
     import torch
+    check = reader.again()  # its own mapping, unmapped after the checks: a dropped copy's pages leave memory
     for k, (same, why) in drops.items():
-        a, b = reader.get(k), reader.get(same)
+        a, b = check.get(k), check.get(same)
         if not a.is_meta and not torch.equal(a, b):
             diff = (a.float() - b.float()).abs().max().item()
             raise ReleaseError(f"{where}: tensor {k!r}, {why}, differs from {same!r} (max |diff| {diff:.3g}): "
                                f"not the file this config describes")
+    del check, a, b
     state = {}
     for key, params in plan.items():
         t, row = reader.get(key), 0
