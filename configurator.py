@@ -21,10 +21,12 @@ import traceback
 
 def script_settings(path):
     """[(name, default's source text, comment, heading)] of a script's settings: its top-level `name = literal`
-    assignments before its first try: or configure() call. comment: the # text on the same line; heading: a
-    comment-only line just above it (a section title) or None. Read from the source text: no imports needed."""
+    assignments before its first try: or configure() call. comment: the # text on the same line, with the indented
+    comment-only lines right below it that continue it; heading: a comment-only line just above it (a section
+    title) or None. Read from the source text: no imports needed."""
     with open(path) as f:
         src = f.read()
+    lines = src.splitlines()
     comments = {}  # line number -> (comment text, whether the line holds only the comment)
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
@@ -42,6 +44,9 @@ def script_settings(path):
                 continue  # not a literal: not a setting
             above = [c for n, (c, alone) in comments.items() if last < n < node.lineno and alone and c.strip("-")]
             comment, alone = comments.get(node.lineno, ("", True))
+            n = node.lineno + 1
+            while not alone and n in comments and not comments[n][1] and lines[n - 1].lstrip().startswith("#"):
+                comment, n = f"{comment} {comments[n][0]}", n + 1  # the comment goes on below
             settings.append((node.targets[0].id, ast.get_source_segment(src, node.value), "" if alone else comment,
                              above[-1] if above else None))
             last = node.lineno

@@ -1,7 +1,7 @@
 """Tests of configurator.py's parsing of settings and its tables (no torch, no subprocess).   python -m pytest -q test_configurator.py"""
 import pytest
 
-from configurator import configure, datasheet_peak
+from configurator import configure, datasheet_peak, script_settings
 
 
 def settings(**kw):
@@ -89,3 +89,17 @@ def test_a_script_without_config_files_points_at_out_dir(tmp_path):
 def test_datasheet_peak_knows_the_h200_and_the_variants_first(name, dtype, peak):
     # it knew only "H100" before: an H200 run logged MFU n/a; a PCIe part must not get the SXM number
     assert datasheet_peak(name, dtype) == peak
+
+
+def test_help_keeps_a_comment_that_goes_on_below_its_setting(tmp_path):
+    """--help showed only a long comment's first line, cut mid-sentence (sample.py's exit_threshold)."""
+    path = tmp_path / "script.py"
+    path.write_text("# section\n"
+                    "a = 1                # the first line of a long comment,\n"
+                    "                     # and its second line\n"
+                    "# another section\n"
+                    "b = 'x'              # short\n"
+                    "c = 2\n"
+                    "                     # not a continuation: c has no comment of its own\n")
+    assert script_settings(str(path)) == [("a", "1", "the first line of a long comment, and its second line", "section"),
+                                          ("b", "'x'", "short", "another section"), ("c", "2", "", None)]
