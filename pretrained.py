@@ -587,6 +587,7 @@ def text_loss(model, tok, depths, text=TEXT):
 
 
 def main(argv):
+    import torch
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return
@@ -614,15 +615,24 @@ def main(argv):
     print(f"parameters: {model.get_num_params():,}; the file holds {n_file:,} values, "
           f"{n_file - model.get_num_params():,} of them in dropped copies")
     mu = r.config.mean_recurrence
+    depths = sorted({1, 2, max(1, mu // 2), mu, 2 * mu})
     try:
-        res = text_loss(model, tok, sorted({1, 2, max(1, mu // 2), mu, 2 * mu}))
+        res = text_loss(model, tok, depths)
     except ValueError as e:  # a tiny test model whose table holds a part of the vocabulary
         print(f"loss on the built-in text: skipped, {e}")
         return
+    model.config.eval_state = "random"  # the release's own evaluation: h0 drawn at every forward
+    draws = []
+    for seed in (1, 2, 3):
+        torch.manual_seed(seed)
+        draws.append(text_loss(model, tok, depths))
     print(f"loss on the built-in text ({len(tok.encode(TEXT))} {tok.name} tokens after one <|endoftext|>; a uniform "
-          f"guess is {math.log(r.config.vocab_size):.2f} nats), initial state 0, by loop depth T:")
+          f"guess is {math.log(r.config.vocab_size):.2f} nats) by loop depth T, from h0 = 0 (nanoloop's evaluation) "
+          f"and from h0 drawn as the release draws it ({r.config.state_init!r}; 3 draws, mean and spread):")
     for T, (loss, bpb) in res.items():
-        print(f"  T={T:<3} loss {loss:.4f}   bpb {bpb:.4f}" + ("   <- the release's depth" if T == mu else ""))
+        drawn = torch.tensor([d[T][0] for d in draws])
+        print(f"  T={T:<3} loss {loss:.4f}   bpb {bpb:.4f}   drawn h0: loss {drawn.mean():.4f} +- {drawn.std():.4f}"
+              + ("   <- the release's depth" if T == mu else ""))
 
 
 if __name__ == "__main__":

@@ -323,7 +323,7 @@ def test_check_command_reports_loss_by_depth_on_a_full_vocabulary(tmp_path):
     model, tok = P.load(folder)
     want = P.text_loss(model, tok, [1, 6])
     for T in (1, 6):
-        assert f"T={T:<3} loss {want[T][0]:.4f}   bpb {want[T][1]:.4f}" in r.stdout
+        assert f"T={T:<3} loss {want[T][0]:.4f}   bpb {want[T][1]:.4f}   drawn h0: loss " in r.stdout
     assert "T=12" in r.stdout and "<- the release's depth" in r.stdout
 
 
