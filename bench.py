@@ -23,6 +23,7 @@ TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")  # 
 exit_on_help(__file__, sys.argv[1:], also=(TRAIN,))  # before importing torch: --help answers at once
 
 import ast
+import dataclasses
 import resource
 import time
 from contextlib import nullcontext
@@ -49,8 +50,9 @@ cpu_full = False          # on CPU keep the config's shapes instead of shrinking
 # -----------------------------------------------------------------------------
 bools = {k for k, v in globals().items() if isinstance(v, bool)}
 argv = [a + "=True" if a.startswith("--") and a[2:] in bools else a for a in sys.argv[1:]]  # bare --compare
+given = set()  # the keys a config file or the command line set
 try:
-    cli_keys = configure(globals(), argv)
+    configure(globals(), argv, given=given)
 except ValueError as e:
     raise SystemExit(f"bench.py: {e}")
 config_name = next((os.path.splitext(os.path.basename(a))[0] for a in argv if not a.startswith("--")), "defaults")
@@ -65,9 +67,18 @@ ctx = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-release = init_from not in ("scratch", "resume")  # a released model: inference at its own shapes
+release = None  # a released model: its load, then inference at its own shapes and depth
 if init_from == "resume":
     raise SystemExit("bench.py: init_from=resume is not benchmarked: use a config's shapes, or --init_from=<release>")
+if init_from != "scratch":
+    rss_before, load_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    try:  # the model settings are the release's: a contradicting one is an error, depths and a shorter block_size not
+        release = pretrained.Release(init_from, {k: globals()[k] for k in given if k in GPTConfig.__dataclass_fields__})
+    except ValueError as e:
+        raise SystemExit(f"bench.py: {' '.join(str(e).split())}")
+    globals().update(dataclasses.asdict(release.config))
+    if "infer_loops" not in given:
+        infer_loops = (mean_recurrence,)  # its own depth
 if device_type == "cpu" and not cpu_full and not release:
     # keep the config's injection and depth settings, make the blocks small enough to run in seconds
     on_cli = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
@@ -199,15 +210,13 @@ def bench_inference(model, loops_list):
     return rows
 
 
-def bench_release():
-    """Load a release (time, and peak memory against its file's size), then inference at its depth."""
-    rss0, t0 = peak_rss(), time.perf_counter()
-    try:
-        r = pretrained.Release(init_from)
-        model = r.model(device)
-    except ValueError as e:
-        raise SystemExit(f"bench.py: {' '.join(str(e).split())}")
-    dt, size = clock() - t0, os.path.getsize(r.files.weights)
+def bench_release(r):
+    """A release's load (time, and peak memory against its file's size), then inference at its depth."""
+    model = r.model(device)
+    if compile:
+        model.compile_blocks()
+    rss0 = rss_before * (1 if sys.platform == "darwin" else 1024)
+    dt, size = clock() - load_start, os.path.getsize(r.files.weights)
     print(f"{init_from}: {r.family}, {model.get_num_params() / 1e6:.2f}M parameters, {r.files.weights} "
           f"{size / 2**20:,.1f} MiB ({r.dtype}), loaded as float32 on {device} in {dt:.2f} s"
           + (" (memory-mapped: pages are read as they are first used)" if not cuda else ""))
@@ -219,15 +228,14 @@ def bench_release():
               f"x{(rss1 - rss0) / size:.2f}")
     if not cuda:
         rss("after the load")
-    loops = infer_loops if "infer_loops" in cli_keys else (r.config.mean_recurrence,)  # default: its own depth
     print(f"\ninference: batch 1, prompt {prompt_len} tokens, {decode_tokens} decoded tokens, greedy")
-    print_table(bench_inference(model, loops))
+    print_table(bench_inference(model, infer_loops))
     if not cuda:
         rss("after inference (every weight used)")
 
 
 if release:
-    bench_release()
+    bench_release(release)
     raise SystemExit(0)
 try:
     GPTConfig(**model_args)

@@ -178,14 +178,23 @@ def score_rows(model, rows, num_loops, batch_size, device="cpu", ctx=nullcontext
     return results
 
 
+def val_paths(data_dir):
+    return sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
+
+
 def val_tokens_of(data_dir, n):
-    """The first n + 1 tokens (n targets) of the val shards in data_dir, checked as train.py reads them."""
-    paths = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")))
+    """The first n + 1 tokens (n targets) of the val shards in data_dir, each shard checked as train.py checks it;
+    only the shards those tokens are in are read."""
+    paths, parts, have = val_paths(data_dir), [], 0
     if not paths:
         raise ValueError(f"no val shards (*_val_*.bin) in {data_dir}: point --data_dir at a folder of token shards "
                          f"(python prepare_fineweb.py makes them), or leave val out: --tasks=hellaswag,lambada")
-    val = np.concatenate([open_shard(p) for p in paths])
-    return torch.from_numpy(val[:n + 1].astype(np.int64))
+    for p in paths:
+        parts.append(open_shard(p)[:n + 1 - have])
+        have += len(parts[-1])
+        if have == n + 1:
+            break
+    return torch.from_numpy(np.concatenate(parts).astype(np.int64))
 
 
 @torch.no_grad()
@@ -258,13 +267,14 @@ max_items = 0                    # score only the first max_items items of each 
 batch_size = 32                  # rows (HellaSwag: 4 per item) per forward
 device = "auto"                  # "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1" ...
 dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 elsewhere), "float32", "bfloat16", "float16"
-eval_state = ""                  # initial loop state h0: "" = the model's own setting (zero), "zero", or "random" (drawn
-                                 # at every forward, as the releases do in their own evaluation)
+eval_state = ""                  # initial loop state h0: "" = the model's own eval_state ("zero" unless trained otherwise),
+                                 # "zero", or "random" (drawn at every forward, as the releases do in their own evaluation)
 # -----------------------------------------------------------------------------
 
 
 def main(argv):
-    configure(globals(), argv, config_files=False)  # the run's settings are in its checkpoint
+    given = set()
+    configure(globals(), argv, config_files=False, given=given)  # the run's settings are in its checkpoint
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     for ok, why in ((names, "tasks is empty"),
                     (all(t in TASKS for t in names),
@@ -302,6 +312,10 @@ def main(argv):
     mu = model.config.mean_recurrence
     loops = eval_loops or tuple(sorted({1, 2, max(1, mu // 2), mu, 2 * mu}))
 
+    if "val" in names and "tasks" not in given and not val_paths(val_dir):  # asked for by default only: say, go on
+        print(f"note: no val shards (*_val_*.bin) in {val_dir}, so no val loss: --data_dir=FOLDER scores them",
+              file=sys.stderr)
+        names.remove("val")
     data = {}
     for task in names:  # every file is read and checked before the first forward
         if task == "val":

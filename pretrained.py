@@ -30,6 +30,7 @@ nothing in a release is executed. The tests prove each family's map against its 
 release-format fixtures and against the real releases' key inventories; the real files are checked by
 this script, on a machine that has them.
 """
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -39,7 +40,6 @@ import re
 import socket
 import sys
 import urllib.parse
-from dataclasses import fields
 
 RELEASES = {  # short name: hub repo
     "looplm-135m-naive": "harims95/LoopLM-135M-naive",
@@ -75,11 +75,14 @@ class ReleaseError(ValueError):
 
 
 def hub_offline():
-    """HF_HUB_OFFLINE, or a hub host that does not resolve: then only the cache is read (huggingface_hub
-    would otherwise retry for about 20 s before it looks in its cache)."""
+    """HF_HUB_OFFLINE, or a hub host that does not resolve (and no proxy that could resolve it): then only the
+    cache is read; huggingface_hub would otherwise retry for about 20 s before it looks in its cache."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return None  # the proxy resolves the host, not this machine
     host = urllib.parse.urlparse(constants.ENDPOINT).hostname
     try:
         socket.getaddrinfo(host, 443)
@@ -89,10 +92,7 @@ def hub_offline():
 
 
 def sha256(path):
-    """The file's sha256; a file in huggingface_hub's cache is stored under its LFS sha256 already."""
-    blob = os.path.basename(os.path.realpath(path))
-    if re.fullmatch(r"[0-9a-f]{64}", blob):
-        return blob
+    """The sha256 of the file's bytes (about 1 s per GB); the hub lists the same for a file stored with LFS."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -112,7 +112,7 @@ class Files:
         repo, _, revision = name.partition("@")
         if repo in RELEASES:
             repo = RELEASES[repo]
-        elif not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or os.sep in os.path.dirname(repo) or repo.startswith("."):
+        elif not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or repo.startswith("."):
             close = difflib.get_close_matches(name, RELEASES, n=1)
             raise ReleaseError(f"unknown release {name!r}: " + (f"did you mean {close[0]}? " if close else "") +
                                f"give a short name ({', '.join(RELEASES)}), a hub repo owner/name[@revision], "
@@ -158,6 +158,10 @@ class Files:
             raise ReleaseError(f"{self.where()} has no {filename}") from None
         except HfHubHTTPError as e:
             raise ReleaseError(f"{self.where()}: {filename}: {' '.join(str(e).split())}") from None
+        except Exception as e:  # the network library's own errors after huggingface_hub's retries, a full disk ...
+            why = " ".join(str(e).split()) or "no message"
+            raise ReleaseError(f"{self.where()}: downloading {filename} failed ({type(e).__name__}: {why}): run the "
+                               f"same command again to resume it, or pass a local folder") from None
         self.commit = os.path.basename(os.path.dirname(p))  # the cache's snapshots/<commit>/<file>
         self.paths[filename] = p
         return p
@@ -307,13 +311,15 @@ def looplm(c, optional):
     if spec is not None:
         try:
             with open(spec) as f:
-                seq_len = int(json.load(f)["train_config"]["seq_len"])
+                seq_len = json.load(f)["train_config"]["seq_len"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ReleaseError(f"{spec}: no train_config.seq_len ({type(e).__name__})") from None
+        if type(seq_len) is not int or seq_len < 1:
+            raise ReleaseError(f"{spec}: train_config.seq_len = {json.dumps(seq_len)} is no sequence length")
     settings.update(n_core=1, norm_eps=1e-6, depth_sampling="sequence", state_init="normal", block_size=seq_len)
     lines += [("(its loop is one block, model.loop)", "n_core=1"),
               ("(looplm/model.py, every RMSNorm)", "norm_eps=1e-06"),
-              ("(its training draws a depth per sequence)", "depth_sampling='sequence'"),
+              ("(its training draws a Poisson depth per sequence, capped at 4 mu_rec)", "depth_sampling='sequence'"),
               ("(its h0 = 0.02 randn at every forward)", "state_init='normal' (eval_state stays 'zero' unless set)"),
               (f"({'spec.json: trained on' if spec else 'no spec.json: LoopLM trains on'} {seq_len} tokens)",
                f"block_size={seq_len}")]
@@ -357,8 +363,9 @@ def release_map(c, where, optional=lambda filename: None):
         raise ReleaseError(f"{where}: the config of a {fam} release; nanoloop cannot load {fam} yet: {PLANNED[fam]}")
     try:
         return (fam, *FAMILIES[fam](c, optional))
-    except ReleaseError as e:
-        raise ReleaseError(f"{where}: {e}") from None
+    except ReleaseError as e:  # named by the file it is about: config.json, unless another file says so itself
+        msg = str(e)
+        raise ReleaseError(msg if msg.split(":")[0].endswith(".json") else f"{where}: {msg}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -369,7 +376,7 @@ def apply_overrides(settings, overrides, where):
     """The release's settings with the user's: a FREE setting may change (block_size only shrink); any other
     GPTConfig setting must equal the release's."""
     from model import GPTConfig
-    defaults = {f.name: f.default for f in fields(GPTConfig)}
+    defaults = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
     out, overrides = {**defaults, **settings}, overrides or {}
     unknown = sorted(k for k in overrides if k not in defaults)
     if unknown:
@@ -429,7 +436,7 @@ def convert(reader, plan, drops, shapes, dtype, where):
             diff = (a.float() - b.float()).abs().max().item()
             raise ReleaseError(f"{where}: tensor {k!r}, {why}, differs from {same!r} (max |diff| {diff:.3g}): "
                                f"not the file this config describes")
-    del check, a, b
+    del check
     state = {}
     for key, params in plan.items():
         t, row = reader.get(key), 0
@@ -471,8 +478,9 @@ def build(config, state, device="cpu"):
 
 
 class Release:
-    """A release found, its config mapped to a GPTConfig and its weights file checked from the header: nothing
-    heavy is read until model(). overrides: GPTConfig settings to change (the FREE ones)."""
+    """A release found (a hub repo's files downloaded, or a local folder), its config mapped to a GPTConfig and its
+    weights file checked from the header; no weight value is read until model(). overrides: GPTConfig settings
+    to change (the FREE ones)."""
 
     def __init__(self, name_or_dir, overrides=None):
         from model import GPTConfig
@@ -488,19 +496,26 @@ class Release:
         settings = apply_overrides(settings, overrides, files.where())
         try:
             self.config = GPTConfig(**settings)
-        except ValueError as e:
-            raise ReleaseError(f"{where}: {e}") from None
+        except ValueError as e:  # a value nanoloop cannot build: say which fields gave it
+            named = set(re.findall(r"(\w+)=", str(e)))
+            fields_ = [left for left, right in self.lines if named & set(re.findall(r"(\w+)=", right))]
+            raise ReleaseError(f"{where}: {', '.join(fields_) or 'its fields'} {'gives' if len(fields_) == 1 else 'give'} "
+                               f"{e}") from None
         self.shapes = param_shapes(self.config)
         files.weights = files.path(weights)
         self.reader = SafetensorsFile(files.weights)
         self.dtype = check_file(self.reader, self.plan, self.drops, self.shapes, files.weights)
+        self.tokenizer_name = GPT2Tokenizer.name  # LoopLM's; a checkpoint fine-tuned from it remembers the name
 
     def model(self, device="cpu", dtype=None):
-        """The GPT in eval mode. dtype: its parameters' (a torch dtype or its name; default float32)."""
+        """A GPT in eval mode. dtype: its parameters' (a float torch dtype or its name; default float32). Each
+        call maps the file anew: two models from one release share no memory that either can write."""
         import torch
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
-        model = build(self.config, convert(self.reader, self.plan, self.drops, self.shapes, dtype, self.files.weights),
-                      device)
+        kind = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype or torch.float32
+        if not isinstance(kind, torch.dtype) or not kind.is_floating_point:
+            raise ReleaseError(f"dtype={dtype!r}: the parameters take a float dtype (float32, bfloat16, float16)")
+        state = convert(self.reader.again(), self.plan, self.drops, self.shapes, kind, self.files.weights)
+        model = build(dataclasses.replace(self.config), state, device)
         model.release = self  # where it came from: record() for a run record
         return model
 

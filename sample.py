@@ -54,8 +54,8 @@ exit_criterion = "none"          # "none", "kl" (KL between consecutive steps' p
 exit_threshold = 5e-4            # leave once kl or latent is below this (RDM: 5e-4 for kl; ~0.03 for latent), or once the
                                  # exit gate's CDF 1 - S_t reaches it (gate: q in [0, 1]; 0 = after one step)
 compile = False                  # torch.compile each block (first tokens are slow while it compiles)
-eval_state = ""                  # initial loop state h0: "" = the model's own setting (zero), "zero", or "random" (drawn
-                                 # at every forward, as the releases do in their own evaluation)
+eval_state = ""                  # initial loop state h0: "" = the model's own eval_state ("zero" unless trained otherwise),
+                                 # "zero", or "random" (drawn at every forward, as the releases do in their own evaluation)
 # -----------------------------------------------------------------------------
 try:
     configure(globals(), sys.argv[1:], config_files=False)  # the run's settings are in its checkpoint

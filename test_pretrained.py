@@ -274,6 +274,67 @@ def test_offline_hub_with_nothing_cached_says_how_to_go_on(tmp_path):
         assert words in r.stderr, r.stderr
 
 
+def test_a_value_nanoloop_cannot_build_names_the_fields_that_gave_it(tmp_path):
+    folder = edited_copy(tmp_path, config=lambda c: c.update(n_kv_heads=3))
+    with pytest.raises(P.ReleaseError) as e:
+        P.load(folder)
+    assert "config.json: n_q_heads = 4, n_kv_heads = 3 give GPTConfig.n_head=4: must be divisible by n_kv_head=3" \
+        in str(e.value)
+    folder = edited_copy(tmp_path / "spec", raw=lambda f: open(os.path.join(f, "spec.json"), "w").write(
+        json.dumps({"train_config": {"seq_len": 100.5}})))
+    with pytest.raises(P.ReleaseError, match=r"spec.json: train_config.seq_len = 100.5 is no sequence length"):
+        P.load(folder)
+
+
+def test_a_failed_download_is_one_line(monkeypatch):
+    import huggingface_hub
+
+    def dropped(*args, **kwargs):
+        raise ConnectionResetError("connection reset by peer")
+    monkeypatch.setattr(P, "hub_offline", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", dropped)
+    with pytest.raises(P.ReleaseError) as e:
+        P.load("looplm-135m-naive")
+    assert str(e.value) == ("harims95/LoopLM-135M-naive: downloading config.json failed (ConnectionResetError: "
+                            "connection reset by peer): run the same command again to resume it, or pass a local folder")
+
+
+def test_offline_is_assumed_only_where_nothing_can_reach_the_hub(monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://no-such-host.invalid")
+    for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(v, raising=False)
+    assert P.hub_offline() == "no-such-host.invalid does not resolve"
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # the proxy resolves it: try the hub
+    assert P.hub_offline() is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert P.hub_offline() == "HF_HUB_OFFLINE is set"
+
+
+def test_two_models_of_one_release_share_nothing_writable():
+    r = P.Release(LOOPLM)
+    a, b = r.model(), r.model()
+    with torch.no_grad():
+        a.core[0].attn.q.weight.add_(1.0)  # what a fine-tune's optimizer step does
+    a.config.eval_state = "random"
+    assert not torch.equal(a.core[0].attn.q.weight, b.core[0].attn.q.weight) and b.config.eval_state == "zero"
+    with torch.no_grad():
+        logits, _ = r.model()(REF["tokens"], REF["tokens"], num_loops=6)  # and the file is as it was
+    assert (logits - REF["logits_T6_h0zero"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["int64", "foo"])
+def test_a_dtype_that_is_not_float_is_one_line(dtype):
+    with pytest.raises(P.ReleaseError, match="take a float dtype"):
+        P.Release(LOOPLM).model(dtype=dtype)
+
+
+def test_bfloat16_parameters_on_request():
+    model = P.Release(LOOPLM).model(dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("overrides,words", [
     ({"n_embd": 64}, ["n_embd=64 contradicts", "n_embd=32"]),
     ({"mlp": "relu2"}, ["mlp='relu2' contradicts"]),
@@ -471,9 +532,23 @@ def test_fine_tune_refuses_a_contradicting_setting_before_writing_anything(wide,
 def test_bench_a_release(wide):
     r = run("bench.py", f"--init_from={wide}", "--device=cpu", "--decode_tokens=3", "--prompt_len=8")
     assert r.returncode == 0, r.stderr
-    assert "LoopLM, 1.65M parameters" in r.stdout and "x the file's size" not in r.stdout and "peak RSS" in r.stdout
+    assert "LoopLM, 1.65M parameters" in r.stdout and "peak RSS after inference" in r.stdout
     rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["6"]]
     assert [row[1] for row in rows] == ["full", "last", "none"]  # its depth, cache on (two kinds) and off
+    r = run("bench.py", f"--init_from={wide}", "--device=cpu", "--n_embd=64")
+    assert r.returncode == 1 and "n_embd=64 contradicts the release" in r.stderr
+
+
+def test_eval_leaves_out_val_where_there_are_no_shards_unless_asked(wide, tmp_path):
+    from test_eval import write_eval_data
+    data = write_eval_data(tmp_path / "evaldata")
+    args = [f"--init_from={wide}", f"--data_dir={tmp_path}", f"--eval_data_dir={data}", "--eval_loops=1",
+            f"--out_dir={tmp_path}", "--device=cpu"]
+    r = run("eval.py", *args)
+    assert r.returncode == 0 and f"note: no val shards (*_val_*.bin) in {tmp_path}" in r.stderr
+    assert "lambada" in r.stdout and "val " not in r.stdout
+    r = run("eval.py", *args, "--tasks=val,lambada")
+    assert r.returncode == 1 and r.stderr.startswith("error: no val shards") and r.stderr.count("\n") == 1
 
 
 if __name__ == "__main__":

@@ -368,7 +368,7 @@ if ckpt is not None and not eval_only:
                          f"{' '.join(str(e).split()) or type(e).__name__}") from None
 runs = [] if ckpt is None else list(ckpt.get("runs", []))  # the records of the runs that made this checkpoint
 # the tokenizer of the text (sample.py and eval.py read it from the checkpoint): a release's, else GPT-2's
-tokenizer = None if task else release.tokenizer().name if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
+tokenizer = None if task else release.tokenizer_name if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
 del ckpt
 for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
     for group in opt.param_groups:

@@ -13,7 +13,9 @@ val_tokens = 1048576
 max_iters = 1000
 eval_interval = 250
 log_interval = 10
-# a tenth of LoopLM's own learning rates, its betas, eps and weight decay, a short warmup and its cosine decay
+# a tenth of LoopLM's learning rates; its betas, eps and Muon weight decay (its AdamW decays the embedding and gains
+# by 0.1 too, nanoloop's AdamW does not); a short warmup, then its code's schedule: constant, then linear to 0.1x
+# over the last 40% (its README says cosine; its training/train.py lr_mult is linear)
 muon_lr = 0.002
 weight_decay = 0.1
 adam_lr = 3e-5
@@ -21,5 +23,5 @@ adam_betas = (0.9, 0.95)
 adam_eps = 1e-8
 warmup_iters = 50
 decay_frac = 0.4
-decay_shape = "cosine"
+decay_shape = "linear"
 min_lr_frac = 0.1
