@@ -96,9 +96,11 @@ def test_float16_on_cpu_warns(tmp_path):
 
 
 def settings_in(script):
-    """name -> the rest of its line, from the block between the script's two dashed lines."""
+    """name -> the rest of its line, from the block between the script's two dashed lines; a comment that goes on
+    in indented comment lines below it is joined to it, as --help shows it."""
     src = open(os.path.join(ROOT, script)).read().split("# " + "-" * 77 + "\n")[1]
-    return dict(re.findall(r"^(\w+) = (.*)$", src, re.M))
+    return {name: rest + "".join(" " + c.strip().lstrip("#").strip() for c in more.splitlines() if c.strip())
+            for name, rest, more in re.findall(r"^(\w+) = (.*)$((?:\n +#.*)*)", src, re.M)}
 
 
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "bench.py"])
