@@ -84,10 +84,10 @@ def forward_cached(model, idx, cache, num_loops, exit_criterion="none", exit_thr
     survival = torch.ones(B, device=idx.device)  # "gate": S_t, the probability of not having exited by step t
     pending = [None] * len(model.core)  # "last" mode: each row's K/V from its latest step
     if adaptive and exit_criterion == "kl":
-        logp = F.log_softmax(model.head(model._coda(h, cos, sin, cache["coda"], False)), -1)
+        logp = F.log_softmax(model.head(model._coda(h, cos, sin, cache["coda"], False, idx)), -1)
     for r in range(num_loops):
         caches = cache["core"][r if full else 0]
-        h_new = model.core_step(h, e, cos, sin, caches, store=full)
+        h_new = model.core_step(h, e, cos, sin, caches, full, idx)
         keep = done[:, None, None, None]  # rows that exited already
         for j, c in enumerate(caches):
             if full and adaptive and r > 0:  # an exited row's entry at this step is its latest real one
@@ -102,12 +102,12 @@ def forward_cached(model, idx, cache, num_loops, exit_criterion="none", exit_thr
             continue
         if exit_criterion == "kl":  # KL(p_{r-1} || p_r) of the next-token distributions
             logp_prev = logp
-            logp = F.log_softmax(model.head(model._coda(h, cos, sin, cache["coda"], False)), -1)
+            logp = F.log_softmax(model.head(model._coda(h, cos, sin, cache["coda"], False, idx)), -1)
             done |= (logp_prev.exp() * (logp_prev - logp)).sum(-1).clamp(min=0)[:, -1] < exit_threshold
         elif exit_criterion == "latent":  # relative change of the state
             done |= ((h - h_prev).norm(dim=-1) / (h.norm(dim=-1) + 1e-12))[:, -1] < exit_threshold
         else:  # Q-exit: S keeps multiplying past the trained depth; no step is forced to absorb the rest
-            survival = survival * (1 - model.lam(model._coda(h, cos, sin, cache["coda"], False))[:, -1])
+            survival = survival * (1 - model.lam(model._coda(h, cos, sin, cache["coda"], False, idx))[:, -1])
             done |= 1 - survival >= exit_threshold
         if bool(done.all()):
             if full:  # later tokens at steps > r read the latest entry these tokens have
@@ -119,7 +119,7 @@ def forward_cached(model, idx, cache, num_loops, exit_criterion="none", exit_thr
         for c, (k, v) in zip(cache["core"][0], pending):
             c(k, v)
     cache["pos"] = pos + L
-    y = model._coda(h, cos, sin, cache["coda"])
+    y = model._coda(h, cos, sin, cache["coda"], idx=idx)
     return model.head(y[:, -1]), steps
 
 

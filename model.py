@@ -16,6 +16,9 @@ y_t = RMSNorm(Coda(h_t)), and a gate lambda_t = sigmoid(w . y_t + b) gives each 
 p(t) over the step it exits at (exit_distribution). Training: Stage I, the expected loss over p minus
 beta times its entropy (exit_objective); Stage II, the gate alone (gate_loss). decode.py exits per token.
 
+Parcae's value embeddings (value_embeds): every other layer's attention adds 2 sigmoid(W_g x[..., :32]) * VE[idx]
+to its values, so the token ids reach prelude, core and coda (and decode.py's cached steps).
+
 Everything an injection adds sits in these places: its parameters (GPT.__init__), their init
 (init_weights), initial_state() ("none" only), inject(), Out before the coda (_coda, "diagonal" only),
 its rho (loop_stats) and its FLOPs (estimate_flops). L is the sequence length throughout, T the loop depth.
@@ -40,6 +43,8 @@ from torch.utils.checkpoint import checkpoint
 import decode
 
 QK_EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default for the fp32 inputs CUDA autocast gives it (Parcae)
+
+VE_GATE_CHANNELS = 32  # a value embedding's gate reads the first 32 channels of the attention's input (Parcae)
 
 
 @dataclass
@@ -67,6 +72,7 @@ class GPTConfig:
     exit_gate: bool = False        # Ouro's exit gate: every step is read out, lambda_t per token
     norm_eps: float = 1e-5         # eps of every RMSNorm with a gain (LoopLM: 1e-6)
     qk_norm: str = "plain"         # "plain": QK-norm without parameters (Parcae) | "gain": learnable per-head-dim gains (LoopLM)
+    value_embeds: bool = False     # Parcae's value embeddings: a token table added to the values of every other layer
 
     def __post_init__(self):
         def bad(field, why):
@@ -89,12 +95,14 @@ class GPTConfig:
                 bad(f, f"must be one of {allowed}")
         if self.mlp == "swiglu" and not self.mlp_hidden:  # 4d would be 1.5x relu2's MLP: ask for the size
             bad("mlp_hidden", "must be set (> 0) for mlp='swiglu'")
-        for f in ("prelude_norm", "loop_checkpoint", "loop_norm", "exit_gate"):
+        for f in ("prelude_norm", "loop_checkpoint", "loop_norm", "exit_gate", "value_embeds"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be True or False")
         for f in ("rope_base", "norm_eps"):
             if not (isinstance(getattr(self, f), (int, float)) and getattr(self, f) > 0):
                 bad(f, "must be > 0")
+        if self.value_embeds and self.n_embd < VE_GATE_CHANNELS:
+            bad("n_embd", f"must be >= {VE_GATE_CHANNELS} with value_embeds=True: the gate reads that many channels")
         if self.exit_gate and self.depth_sampling != "fixed":  # p(t) is over steps 1..T_max of one depth
             bad("depth_sampling", "must be 'fixed' with exit_gate=True: every row runs the same T_max steps")
 
@@ -126,7 +134,7 @@ def apply_rope(x, cos, sin):  # x (B, L, H, hd), cos/sin (L, hd/2); rotate-half 
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, value_embed=False):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.n_embd // cfg.n_head
         self.q = nn.Linear(cfg.n_embd, cfg.n_head * self.head_dim, bias=False)
@@ -136,12 +144,19 @@ class Attention(nn.Module):
         self.q_norm = self.k_norm = None
         if cfg.qk_norm == "gain":  # LoopLM: a learnable gain per head dimension, shared by the heads
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
+        self.ve = self.ve_gate = None
+        if value_embed:  # Parcae: a table of values per token, and a gate per KV head
+            self.ve = nn.Embedding(cfg.vocab_size, cfg.n_kv_head * self.head_dim)
+            self.ve_gate = nn.Linear(VE_GATE_CHANNELS, cfg.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, store=True):
-        B, L, C = x.shape  # L tokens (T is the loop depth)
+    def forward(self, x, cos, sin, cache=None, store=True, idx=None):
+        B, L, C = x.shape  # L tokens (T is the loop depth); idx (B, L) the token ids, for value embeddings
         q = self.q(x).view(B, L, self.n_head, self.head_dim)
         k = self.k(x).view(B, L, self.n_kv_head, self.head_dim)
         v = self.v(x).view(B, L, self.n_kv_head, self.head_dim)
+        if self.ve is not None:  # v += 2 sigmoid(W_g x[..., :32]) * VE[idx], the gate in (0, 2) per KV head
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, L, n_kv_head)
+            v = v + (gate[..., None] * self.ve(idx).view(B, L, self.n_kv_head, self.head_dim)).type_as(v)
         if self.q_norm is None:  # QK-norm without parameters keeps attention logits bounded however the state grows
             q, k = (F.rms_norm(t, (self.head_dim,), eps=QK_EPS) for t in (q, k))
         else:
@@ -175,13 +190,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, value_embed=False):
         super().__init__()
-        self.ln_1, self.attn = RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg)
+        self.ln_1, self.attn = RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg, value_embed)
         self.ln_2, self.mlp = RMSNorm(cfg.n_embd, cfg.norm_eps), MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, store=True):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, store)
+    def forward(self, x, cos, sin, cache=None, store=True, idx=None):
+        x = x + self.attn(self.ln_1(x), cos, sin, cache, store, idx)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -256,10 +271,13 @@ class GPT(nn.Module):
         self.config = cfg = config
         d = cfg.n_embd
         self.wte = nn.Embedding(cfg.vocab_size, d)  # tied with the output head
-        self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
+        # value embeddings (Parcae) in every other layer of prelude, core (counted once) and coda, the last included
+        n_layers = cfg.n_prelude + cfg.n_core + cfg.n_coda
+        ve = [cfg.value_embeds and i % 2 == (n_layers - 1) % 2 for i in range(n_layers)]
+        self.prelude = nn.ModuleList(Block(cfg, ve[i]) for i in range(cfg.n_prelude))
         self.ln_prelude = RMSNorm(d, cfg.norm_eps) if cfg.prelude_norm else None
-        self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_core))
-        self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
+        self.core = nn.ModuleList(Block(cfg, ve[cfg.n_prelude + j]) for j in range(cfg.n_core))  # one table, every step
+        self.coda = nn.ModuleList(Block(cfg, ve[cfg.n_prelude + cfg.n_core + j]) for j in range(cfg.n_coda))
         self.ln_f = RMSNorm(d, cfg.norm_eps)
         self.ln_loop = RMSNorm(d, cfg.norm_eps) if cfg.loop_norm else None
         if cfg.exit_gate:
@@ -290,8 +308,10 @@ class GPT(nn.Module):
                 nn.init.zeros_(p)  # every block starts as the identity
             elif name == "B.weight":
                 p.copy_(torch.eye(d))
-            elif name in ("A_log", "exit_gate.bias"):
-                p.zero_()  # the gate starts at lambda = 1/2 (a 1 like the gains would give 0.73)
+            elif name in ("A_log", "exit_gate.bias") or name.endswith("attn.ve_gate.weight"):
+                p.zero_()  # the exit gate starts at lambda = 1/2, a value embedding's gate at 2 sigmoid(0) = 1
+            elif name.endswith("attn.ve.weight"):
+                nn.init.normal_(p)  # N(0, 1): Parcae's value tables keep nn.Embedding's init
             elif name == "dt_bias":
                 # softplus^-1(-ln sqrt(1/5)): decay exp(-dt) = sqrt(1/5) = 0.4472, dt = 0.8047
                 p.fill_(math.log(math.expm1(-math.log(math.sqrt(0.2)))))
@@ -329,7 +349,7 @@ class GPT(nn.Module):
     def _prelude(self, idx, cos, sin, caches=None):
         x = self.wte(idx)  # (B, L, C)
         for i, block in enumerate(self.prelude):
-            x = block(x, cos, sin, None if caches is None else caches[i])
+            x = block(x, cos, sin, None if caches is None else caches[i], idx=idx)
         return x if self.ln_prelude is None else self.ln_prelude(x)
 
     def initial_state(self, e):
@@ -355,16 +375,16 @@ class GPT(nn.Module):
         decay = torch.exp(-dt * self.A_log.exp())
         return decay * h + dt * self.B(e)
 
-    def core_step(self, h, e, cos, sin, caches=None, store=True):
+    def core_step(self, h, e, cos, sin, caches=None, store=True, idx=None):
         x = self.inject(h, e)
         for j, block in enumerate(self.core):
-            x = block(x, cos, sin, None if caches is None else caches[j], store)
+            x = block(x, cos, sin, None if caches is None else caches[j], store, idx)
         return x if self.ln_loop is None else self.ln_loop(x)  # Ouro: the state is normed at every step
 
-    def _coda(self, h, cos, sin, caches=None, store=True):
+    def _coda(self, h, cos, sin, caches=None, store=True, idx=None):
         y = self.C(h).type_as(h) if self.config.injection == "diagonal" else h  # Out(h), fp32 like h under autocast
         for i, block in enumerate(self.coda):
-            y = block(y, cos, sin, None if caches is None else caches[i], store)
+            y = block(y, cos, sin, None if caches is None else caches[i], store, idx)
         return self.ln_f(y)
 
     def head(self, y):
@@ -381,15 +401,15 @@ class GPT(nn.Module):
         """lambda_t (B, L): the exit gate's probability that a token leaves at this step."""
         return torch.sigmoid(self.gate_logit(y))
 
-    def _readout(self, h, cos, sin, targets, gate_only=False):
+    def _readout(self, h, cos, sin, targets, gate_only=False, idx=None):
         """Step t's prediction read off the state (Ouro): per-token CE_t and the gate's z_t (B, L). Called under a
         checkpoint in training, so its B x L x V logits are not kept for backward. gate_only (Stage II):
         no gradient reaches anything but the gate."""
-        y = self._coda(h, cos, sin)
+        y = self._coda(h, cos, sin, idx=idx)
         ce = F.cross_entropy(self.head(y).flatten(0, 1), targets.flatten(), ignore_index=-1, reduction="none")
         return ce.view(targets.shape), self.gate_logit(y.detach() if gate_only else y)
 
-    def _loop(self, h, e, cos, sin, n, k, readout=None):
+    def _loop(self, h, e, cos, sin, n, k, idx, readout=None):
         """The loop of the docstring, row i running T_i = n_i + k_i steps:
 
             for t in range(T_i):  h = core_step(h, e)
@@ -409,10 +429,10 @@ class GPT(nn.Module):
             for m, m_next in active_prefixes(steps):  # 2: rows [0, m) run this step, [m_next, m) finish
                 with torch.set_grad_enabled(grad):  # the step only: a row that skips it keeps h0 = e's gradient
                     if grad and self.config.loop_checkpoint:  # 3
-                        x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, use_reentrant=False,
-                                       preserve_rng_state=False)  # the core draws no random numbers
+                        x = checkpoint(self.core_step, h[:m], inp[:m], cos, sin, None, True, idx[:m],
+                                       use_reentrant=False, preserve_rng_state=False)  # the core draws no random numbers
                     else:
-                        x = self.core_step(h[:m], inp[:m], cos, sin)
+                        x = self.core_step(h[:m], inp[:m], cos, sin, idx=idx[:m])
                 if readout is not None:
                     readout(x)
                 if with_grad:  # every row ends in the gradient phase (k_i >= 1): its last step is here
@@ -449,15 +469,15 @@ class GPT(nn.Module):
                 raise ValueError("an exit gate's objective needs every row at one depth, each step with gradient")
 
             def readout(x):
-                args = (x, cos, sin, targets, train_gate)
+                args = (x, cos, sin, targets, train_gate, idx)
                 per_step.append(checkpoint(self._readout, *args, use_reentrant=False) if x.requires_grad
                                 else self._readout(*args))
         if order is None:  # already sorted (eval: every row at the same depth)
-            h, rms, residual = self._loop(h0, e, cos, sin, n, k, readout)
+            h, rms, residual = self._loop(h0, e, cos, sin, n, k, idx, readout)
         else:
             o = (order.pin_memory() if e.is_cuda else order).to(e.device, non_blocking=True)  # no host sync
             back = o.argsort()  # the caller's row order again, before the coda
-            h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order]))
+            h, rms, residual = (t[back] for t in self._loop(h0[o], e[o], cos, sin, n[order], k[order], idx[o]))
         self.last_state = (rms, residual)
         if per_step:
             ce, z = (torch.stack(t) for t in zip(*per_step))  # (T, B, L) each
@@ -466,7 +486,7 @@ class GPT(nn.Module):
                 obj = gate_loss(ce.detach(), z) if train_gate else exit_objective(ce, z, exit_beta)
                 valid = targets != -1
                 return None, (obj * valid).sum() / valid.sum()
-        y = self._coda(h, cos, sin)  # (B, L, C)
+        y = self._coda(h, cos, sin, idx=idx)  # (B, L, C)
         if targets is None:
             return self.head(y[:, [-1], :]), None  # (B, 1, V)
         logits = self.head(y)  # (B, L, V)
@@ -497,22 +517,23 @@ class GPT(nn.Module):
         seq_len is L, the tokens per row. A gated model (Ouro) reads out every step: coda and head T times."""
         cfg, d = self.config, self.config.n_embd
         kv_dim = cfg.n_kv_head * (d // cfg.n_head)
+        ve = lambda blocks: 2 * VE_GATE_CHANNELS * cfg.n_kv_head * sum(b.attn.ve is not None for b in blocks)  # gates
         mlp = (3 if cfg.mlp == "swiglu" else 2) * d * (cfg.mlp_hidden or 4 * d)  # gate, up, down
         block = 2 * (2 * d * d + 2 * d * kv_dim + mlp) + 4 * seq_len * d  # per token: q,o + k,v + MLP + attention
         inject = {"none": 0, "add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B, every step
         C = 2 * d * d if cfg.injection == "diagonal" else 0  # output projection, once
-        read = cfg.n_coda * block + 2 * d * cfg.vocab_size + C + (2 * d if cfg.exit_gate else 0)
-        once = cfg.n_prelude * block + (0 if cfg.exit_gate else read)
+        read = cfg.n_coda * block + ve(self.coda) + 2 * d * cfg.vocab_size + C + (2 * d if cfg.exit_gate else 0)
+        once = cfg.n_prelude * block + ve(self.prelude) + (0 if cfg.exit_gate else read)
         f = 3 if backward else 1
         n, k = torch.as_tensor(n), torch.as_tensor(k)
-        step = cfg.n_core * block + inject + (read if cfg.exit_gate else 0)
+        step = cfg.n_core * block + ve(self.core) + inject + (read if cfg.exit_gate else 0)
         return seq_len * (len(n) * f * once + step * (int(n.sum()) + f * int(k.sum())))
 
     def configure_optimizers(self, muon_lr, adam_lr, weight_decay, adam_betas, adam_eps):
-        """Muon for the matrices inside blocks; AdamW, without weight decay, for the embedding/head,
+        """Muon for the matrices inside blocks; AdamW, without weight decay, for the embeddings (the value tables too),
         norm gains and every injection parameter (Parcae's recipe)."""
         blocks = [*self.prelude, *self.core, *self.coda]
-        matrices = [p for b in blocks for p in b.parameters() if p.dim() == 2]
+        matrices = [p for b in blocks for n, p in b.named_parameters() if p.dim() == 2 and not n.endswith("ve.weight")]
         ids = {id(p) for p in matrices}
         rest = [p for p in self.parameters() if id(p) not in ids]
         muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True)

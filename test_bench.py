@@ -23,12 +23,13 @@ def counted_flops(fn):
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("injection,mlp,mlp_hidden", [("add", "relu2", 0), ("concat", "relu2", 0),
-                                                      ("diagonal", "relu2", 0), ("add", "swiglu", 176),
-                                                      ("diagonal", "relu2", 96)])
-def test_estimate_flops_matches_flop_counter(injection, mlp, mlp_hidden):
+@pytest.mark.parametrize("injection,mlp,mlp_hidden,ve", [("add", "relu2", 0, False), ("concat", "relu2", 0, False),
+                                                         ("diagonal", "relu2", 0, False), ("add", "swiglu", 176, False),
+                                                         ("diagonal", "relu2", 96, False), ("diagonal", "relu2", 0, True)])
+def test_estimate_flops_matches_flop_counter(injection, mlp, mlp_hidden, ve):
     cfg = GPTConfig(block_size=64, vocab_size=512, n_embd=64, n_head=4, n_kv_head=2, n_prelude=1, n_core=2,
-                    n_coda=1, mean_recurrence=4, backprop_depth=2, injection=injection, mlp=mlp, mlp_hidden=mlp_hidden)
+                    n_coda=1, mean_recurrence=4, backprop_depth=2, injection=injection, mlp=mlp, mlp_hidden=mlp_hidden,
+                    value_embeds=ve)
     torch.manual_seed(0)
     model = GPT(cfg)
     B, T = 4, cfg.block_size

@@ -93,6 +93,16 @@ def test_looplm_config_param_count(name, expected):
     assert {k for k in args if args[k] != twin[k]} <= {"injection", "prelude_norm"}
 
 
+def test_parcae_ve_config_param_count():
+    # config/parcae_135m.py (134,367,232) plus four value tables of 50304 x (8 kv heads x 64) and their 32 x 8 gates,
+    # at layers 0, 2, 4, 6 of 7: 134,367,232 + 4 * (25,755,648 + 256) = 237,390,848
+    args, base = config_model_args("parcae_ve_135m.py"), config_model_args("parcae_135m.py")
+    assert {k for k in args if args[k] != base.get(k)} == {"value_embeds"}
+    with torch.device("meta"):
+        assert GPT(GPTConfig(**base)).get_num_params() == 134_367_232
+        assert GPT(GPTConfig(**args)).get_num_params() == 237_390_848
+
+
 # SwiGLU MLP (LoopLM) --------------------------------------------------------------------------------
 def test_swiglu_block_matches_hand_formula():
     cfg = tiny("add", mlp="swiglu", mlp_hidden=48)
@@ -590,6 +600,93 @@ def test_overfits_single_batch(injection):
     assert losses[-1] < 0.3 * losses[0]
 
 
+# 8b. value embeddings (Parcae) ---------------------------------------------------------------------------
+def ve_layers(model):
+    return [name for name, m in model.named_modules() if getattr(m, "ve", None) is not None]
+
+
+@pytest.mark.parametrize("layout,want", [
+    ((1, 2, 1), ["core.0.attn", "coda.0.attn"]),   # 4 layers: 1 and 3
+    ((2, 2, 2), ["prelude.1.attn", "core.1.attn", "coda.1.attn"]),   # Parcae-140m: 1, 3, 5 of 6
+    ((4, 1, 2), ["prelude.0.attn", "prelude.2.attn", "core.0.attn", "coda.1.attn"]),   # 0, 2, 4, 6 of 7
+])
+def test_value_embeds_sit_in_every_other_layer_the_last_included(layout, want):
+    p, c, k = layout
+    cfg = tiny(n_prelude=p, n_core=c, n_coda=k, value_embeds=True)
+    with torch.device("meta"):
+        model, plain = GPT(cfg), GPT(tiny(n_prelude=p, n_core=c, n_coda=k))
+    assert ve_layers(model) == want and ve_layers(plain) == []
+    kv_dim = cfg.n_kv_head * cfg.n_embd // cfg.n_head
+    assert model.get_num_params() - plain.get_num_params() == len(want) * (cfg.vocab_size * kv_dim + 32 * cfg.n_kv_head)
+
+
+def test_value_embed_attention_equals_the_formula():
+    """v += 2 sigmoid(W_g x[..., :32]) * VE[idx], per KV head, x the attention's normed input (fp64)."""
+    cfg = tiny(n_embd=64, n_head=4, n_kv_head=2, value_embeds=True)
+    model = randomized(cfg, dtype=torch.float64)
+    attn = model.core[0].attn
+    x, idx = torch.randn(2, 16, 64, dtype=torch.float64), torch.randint(0, 64, (2, 16))
+    cos, sin = model.cos[:16], model.sin[:16]
+    hd = attn.head_dim
+    gate = 2 * torch.sigmoid(x[..., :32] @ attn.ve_gate.weight.T)  # (2, 16, 2): the first 32 of 64 channels
+    v = (x @ attn.v.weight.T).view(2, 16, 2, hd) + gate[..., None] * attn.ve.weight[idx].view(2, 16, 2, hd)
+    q = F.rms_norm((x @ attn.q.weight.T).view(2, 16, 4, hd), (hd,), eps=torch.finfo(torch.float32).eps)
+    k = F.rms_norm((x @ attn.k.weight.T).view(2, 16, 2, hd), (hd,), eps=torch.finfo(torch.float32).eps)
+    from model import apply_rope
+    q, k = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2).repeat_interleave(2, 1)
+    att = (q @ k.transpose(-1, -2) / hd ** 0.5).masked_fill(torch.ones(16, 16).triu(1).bool(), float("-inf"))
+    ref = attn.o((att.softmax(-1) @ v.transpose(1, 2).repeat_interleave(2, 1)).transpose(1, 2).reshape(2, 16, 64))
+    assert torch.allclose(attn(x, cos, sin, idx=idx), ref, atol=1e-12, rtol=0)
+    assert not torch.allclose(attn(x, cos, sin, idx=idx.roll(1, -1)), ref, atol=1e-3)  # the ids matter
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_value_embeds_cached_equals_uncached_and_exits_hold(injection):
+    model = randomized(tiny(injection, block_size=24, value_embeds=True), dtype=torch.float64).eval()
+    prompt = torch.randint(0, 64, (2, 5))
+    for T in (1, 4):
+        a = model.generate(prompt, 12, temperature=0, num_loops=T, use_cache=True)
+        b = model.generate(prompt, 12, temperature=0, num_loops=T, use_cache=False)
+        assert torch.equal(a, b)
+    # exits: a threshold no step reaches is generation without exit; one every step reaches leaves after one step
+    plain = model.generate(prompt, 8, temperature=0, num_loops=4)
+    for crit in ("kl", "latent"):
+        never, stats = model.generate(prompt, 8, temperature=0, num_loops=4, exit_criterion=crit, exit_threshold=0.0,
+                                      return_stats=True)
+        assert torch.equal(never, plain) and stats["mean_steps"] == 4
+        _, stats = model.generate(prompt, 8, temperature=0, num_loops=4, exit_criterion=crit, exit_threshold=1e9,
+                                  return_stats=True)
+        assert stats["mean_steps"] == 1
+    prompt = torch.randint(0, 64, (2, 12))  # and a prefill in two chunks equals one
+    one, _ = model.forward_cached(prompt, model.new_cache(4), 4)
+    cache = model.new_cache(4)
+    model.forward_cached(prompt[:, :5], cache, 4)
+    two, _ = model.forward_cached(prompt[:, 5:], cache, 4)
+    assert torch.allclose(one, two, rtol=1e-10, atol=1e-12)
+
+
+def test_value_embeds_get_gradients_in_prelude_core_and_coda():
+    model = randomized(tiny("diagonal", n_prelude=2, n_core=2, n_coda=2, value_embeds=True)).train()
+    idx = torch.randint(0, 32, (4, 16))  # ids below 32: the other rows of every table get no gradient
+    _, loss = model(idx, torch.randint(0, 64, (4, 16)))
+    loss.backward()
+    for name in ve_layers(model):
+        attn = model.get_submodule(name)
+        assert attn.ve.weight.grad[:32].abs().sum(-1).gt(0).sum() == len(idx.unique())
+        assert not attn.ve.weight.grad[32:].any() and attn.ve_gate.weight.grad.abs().sum() > 0
+    muon, adamw = model.configure_optimizers(0.02, 1e-3, 0.0, (0.9, 0.95), 1e-8)
+    tables = {id(model.get_submodule(n).ve.weight) for n in ve_layers(model)}
+    gates = {id(model.get_submodule(n).ve_gate.weight) for n in ve_layers(model)}
+    assert tables <= {id(p) for g in adamw.param_groups for p in g["params"]}  # embeddings: AdamW, as Parcae
+    assert gates <= {id(p) for g in muon.param_groups for p in g["params"]}  # the gates: matrices, Muon
+
+
+def test_value_embeds_start_with_gates_at_one():
+    model = GPT(tiny(value_embeds=True))
+    attn = model.get_submodule(ve_layers(model)[0])
+    assert not attn.ve_gate.weight.any() and abs(attn.ve.weight.std().item() - 1) < 0.05
+
+
 # 9. bad input ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw,field", [
     (dict(injection="mul"), "injection"), (dict(n_kv_head=3), "n_head"), (dict(n_head=5), "n_embd"),
@@ -598,6 +695,7 @@ def test_overfits_single_batch(injection):
     (dict(n_core=0), "n_core"), (dict(n_prelude=-1), "n_prelude"), (dict(mean_recurrence=2.5), "mean_recurrence"),
     (dict(mlp="gelu"), "mlp="), (dict(mlp="swiglu"), "mlp_hidden="), (dict(mlp_hidden=-1), "mlp_hidden="),
     (dict(norm_eps=0.0), "norm_eps"), (dict(qk_norm="learned"), "qk_norm"), (dict(eval_state="normal"), "eval_state"),
+    (dict(value_embeds=1), "value_embeds"), (dict(value_embeds=True, n_embd=16, n_head=2), "n_embd"),
 ])
 def test_invalid_config_raises(kw, field):
     with pytest.raises(ValueError, match=field):

@@ -94,6 +94,7 @@ mlp = "relu2"                    # "relu2" | "swiglu" (LoopLM's)
 mlp_hidden = 0                   # MLP hidden size; 0 = 4 * n_embd (relu2 only)
 norm_eps = 1e-5                  # eps of every RMSNorm with a gain (LoopLM: 1e-6)
 qk_norm = "plain"                # QK-norm: "plain" (no parameters, Parcae) or "gain" (learnable per-head-dim gains, LoopLM)
+value_embeds = False             # Parcae's value embeddings: a token table added to the values of every other layer
 loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
 loop_norm = False                # RMSNorm after every loop step (Ouro)
 exit_gate = False                # Ouro's learned exit: every step read out, a gate lambda_t per token
