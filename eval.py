@@ -127,11 +127,12 @@ def task_file(task, data_dir, url=None, **fetch_kwargs):
 
 def task_rows(task, items, tok):
     """(context tokens, continuation tokens) rows, and the item each row belongs to. Contexts start
-    with the tokenizer's document start (<|endoftext|> for GPT-2), as every training document does;
-    the continuation's leading space is tokenized with it (" dog", not " " + "dog"), as in running text."""
+    with the tokenizer's document start where the model is evaluated so (GPT-2: <|endoftext|>, as every
+    training document; Parcae: <|bos|> for HellaSwag only, as its own evaluation); the continuation's
+    leading space is tokenized with it (" dog", not " " + "dog"), as in running text."""
     rows, owner = [], []
     for i, item in enumerate(items):
-        ctx = [tok.bos] + tok.encode(item[0])
+        ctx = ([tok.bos] if task in tok.bos_in else []) + tok.encode(item[0])
         for cont in (item[1] if task == "hellaswag" else [item[1]]):
             rows.append((ctx, tok.encode(" " + cont)))
             owner.append(i)
@@ -195,6 +196,26 @@ def val_tokens_of(data_dir, n):
         if have == n + 1:
             break
     return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+
+def val_documents(data_dir, n, tok, block):
+    """A release tokenizer's val rows: the documents of the (GPT-2) val shards in data_dir, decoded and encoded
+    again with tok, each cut to block + 1 tokens, until they hold n targets; as Parcae's own val loss, a document
+    a row, with no BOS. Rows as score_rows takes them: (the first token, the rest)."""
+    gpt2, rows, have = pretrained.GPT2Tokenizer(), [], 0
+    for p in val_paths(data_dir):
+        shard = open_shard(p)
+        starts = [*np.flatnonzero(shard == gpt2.eos), len(shard)]  # every document starts with <|endoftext|>
+        for a, b in zip(starts, starts[1:]):
+            ids = tok.encode(gpt2.decode(shard[a + 1:b].tolist()))[:block + 1]
+            if len(ids) >= 2:
+                rows.append((ids[:1], ids[1:n - have + 1]))
+                have += len(rows[-1][1])
+            if have >= n:
+                return rows
+    if not rows:
+        raise ValueError(f"no val shards (*_val_*.bin) with a document in {data_dir}")
+    return rows
 
 
 @torch.no_grad()
@@ -306,7 +327,8 @@ def main(argv):
     else:
         model, tok = pretrained.load(init_from, overrides=free)
         val_dir, source, about = data_dir or "data/fineweb10B", init_from, {"release": model.release.record()}
-        out_path = os.path.join(out_dir, f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', init_from.strip('/'))}.json")
+        name = os.path.basename(os.path.normpath(init_from)) if os.path.isdir(init_from) else init_from  # a folder: its name
+        out_path = os.path.join(out_dir, f"eval_{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}.json")
     model.eval()
     model.to(dev)
     mu = model.config.mean_recurrence
@@ -318,6 +340,15 @@ def main(argv):
         names.remove("val")
     data = {}
     for task in names:  # every file is read and checked before the first forward
+        shards = pretrained.shards_tokenizer(val_dir) if task == "val" else None
+        if task == "val" and shards != tok.spec:  # GPT-2 shards for a release's own tokenizer: documents re-encoded
+            if shards != "gpt2":
+                raise ValueError(f"the val shards in {val_dir} were made with another tokenizer than the model's "
+                                 f"({val_dir}/tokenizer.json): point --data_dir at GPT-2 shards or at the model's")
+            if not val_paths(val_dir):
+                val_tokens_of(val_dir, 0)  # says what is missing
+            data[task] = val_documents(val_dir, val_tokens, tok, model.config.block_size)
+            continue
         if task == "val":
             data[task] = val_tokens_of(val_dir, val_tokens)
             pretrained.check_ids([data[task].max().item()], model, f"the val shards in {val_dir}")
@@ -331,13 +362,21 @@ def main(argv):
     results = {}
     for task, items in data.items():
         if task == "val":
-            block = model.config.block_size
-            n = (len(items) - 1) // block * block
-            results[task] = {"items": n, "metrics": {"loss": {}, "bpb": {}}}  # items: the tokens scored
             token_bytes = torch.as_tensor(tok.token_bytes(model.config.vocab_size), device=dev)
+            if isinstance(items, list):  # documents, a row each: the summed loss of each, over all bytes
+                n = sum(len(cont) for _, cont in items)
+                nbytes = sum(token_bytes[torch.tensor(cont, device=dev)].sum().item() for _, cont in items)
+            else:
+                n = (len(items) - 1) // model.config.block_size * model.config.block_size
+            results[task] = {"items": n, "metrics": {"loss": {}, "bpb": {}}}  # items: the tokens scored
             for T in loops:
                 with tqdm(total=n, desc=f"val T={T}", unit="tok", unit_scale=True) as bar:
-                    loss, bpb = score_val(model, items, T, val_batch_size, token_bytes, dev, ctx, bar)
+                    if isinstance(items, list):
+                        nats = sum(s[0] for s in score_rows(model, items, T, val_batch_size, dev, ctx))
+                        loss, bpb = nats / n, nats / (math.log(2) * nbytes)
+                        bar.update(n)
+                    else:
+                        loss, bpb = score_val(model, items, T, val_batch_size, token_bytes, dev, ctx, bar)
                 results[task]["metrics"]["loss"][T], results[task]["metrics"]["bpb"][T] = loss, bpb
             continue
         rows, owner = task_rows(task, items, tok)

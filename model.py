@@ -120,7 +120,7 @@ class RMSNorm(nn.Module):
 def rope_tables(cfg):
     """cos, sin (block_size, hd/2) of the rotary angles pos * base^(-2i/hd), rotate-half layout."""
     hd = cfg.n_embd // cfg.n_head
-    inv_freq = cfg.rope_base ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+    inv_freq = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # as Parcae and LoopLM, bit for bit
     angles = torch.outer(torch.arange(cfg.block_size, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 

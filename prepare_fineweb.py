@@ -8,6 +8,7 @@ Interrupted downloads resume where they stopped; finished files are skipped.
 
 Tokenize your own UTF-8 text (one document per file, .jsonl: one {"text": ...} per line):
     python prepare_fineweb.py --text a.txt b.jsonl --name mydata   # -> data/mydata/
+    python prepare_fineweb.py --text a.txt --name mydata_parcae --tokenizer=parcae-140m   # a release's tokenizer
 A single document (one long .txt, like nanoGPT's Shakespeare) is split by tokens: the last
 --val_fraction of them become val. Val, and every train shard, must hold one micro-batch of train.py:
 --min_tokens (default 513, config/tiny.py's 4 x 128 tokens plus one).
@@ -301,21 +302,32 @@ def write_shards(token_arrays, out_dir, prefix, first_index, shard_size):
     return written
 
 def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=None, shard_size=SHARD_SIZE,
-                       min_tokens=0):
-    """GPT-2 tokenize docs into NAME_val_000000.bin (first docs) and NAME_train_000001.bin ...
-    One document alone is split by tokens instead: its last val_fraction goes to val.
-    min_tokens: fewer tokens in val (all its shards) or in a train shard is a ValueError, and no shards are left."""
+                       min_tokens=0, tokenizer="gpt2"):
+    """Tokenize docs into NAME_val_000000.bin (first docs) and NAME_train_000001.bin ..., each document after its
+    document start (GPT-2: <|endoftext|>). One document alone is split by tokens instead: its last val_fraction goes
+    to val. min_tokens: fewer tokens in val (all its shards) or in a train shard is a ValueError, and no shards are
+    left. tokenizer: "gpt2", or a released model whose own tokenizer to use (pretrained.py; its tokenizer.json is
+    copied beside the shards, so train.py knows them for that model's)."""
     if not docs:
         raise ValueError("no documents to tokenize")
     if shard_size < 1:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    enc = gpt2_encoding()
+    import pretrained
+    tok = pretrained.release_tokenizer(tokenizer)
+    if tok.n_vocab > 65536:
+        raise ValueError(f"the tokenizer has {tok.n_vocab:,} ids: a uint16 shard holds ids below 65,536")
     os.makedirs(out_dir, exist_ok=True)
+    marker = os.path.join(out_dir, "tokenizer.json")
+    if tok.spec == "gpt2" and os.path.exists(marker):
+        raise ValueError(f"{out_dir} holds shards of another tokenizer ({marker}): use another --data_dir")
+    if tok.spec != "gpt2":
+        with open(marker, "w", encoding="utf-8") as f:
+            json.dump(tok.spec, f)
     bar = tqdm(total=len(docs), desc=f"tokenizing {name}", unit="doc")
     def tokens(ds):
         for d in ds:
-            # encode_ordinary: a literal "<|endoftext|>" in the text stays plain text
-            toks = np.array([EOT] + enc.encode_ordinary(d), dtype=np.uint16)
+            # a literal special token in the text ("<|endoftext|>") stays plain text
+            toks = np.array([tok.bos] + tok.encode(d), dtype=np.uint16)
             bar.update(1)  # before the yield: one document alone is taken with next(), which never comes back here
             yield toks
     if len(docs) == 1:  # one long text: val is its tail, which starts with <|endoftext|> like every document
@@ -323,7 +335,7 @@ def tokenize_documents(docs, out_dir, name="text", val_fraction=0.1, val_docs=No
         if len(whole) < 3:
             raise ValueError(f"the text is {len(whole) - 1} token(s) long, too short to split into val and train")
         cut = len(whole) - min(max(round((len(whole) - 1) * val_fraction), 1), len(whole) - 2)
-        val, train = [np.concatenate([[EOT], whole[cut:]]).astype(np.uint16)], [whole[:cut]]
+        val, train = [np.concatenate([[tok.bos], whole[cut:]]).astype(np.uint16)], [whole[:cut]]
         counts = {"val": "the last part of 1 document", "train": "the rest of it"}
     else:
         n_val = val_docs if val_docs is not None else round(len(docs) * val_fraction)
@@ -393,6 +405,8 @@ def main(argv=None):
     p.add_argument("--val_fraction", type=float, default=0.1, help="--text: fraction of documents for val")
     p.add_argument("--val_docs", type=count_or_none, default=None, help="--text: number of val documents (overrides)")
     p.add_argument("--shard_size", type=int, default=SHARD_SIZE, help="--text: max tokens per shard")
+    p.add_argument("--tokenizer", default="gpt2", help="--text: gpt2, or a released model (pretrained.py --list, "
+                   "owner/name, a folder) whose own tokenizer to use, for fine-tuning it")
     p.add_argument("--min_tokens", type=int, default=MIN_TOKENS,
                    help="--text: refuse val, or a train shard, with fewer tokens (default: a micro-batch of tiny.py + 1)")
     args = p.parse_args(argv)
@@ -402,7 +416,7 @@ def main(argv=None):
         elif args.text:
             tokenize_files(args.text, args.data_dir or os.path.join("data", args.name), args.name,
                            val_fraction=args.val_fraction, val_docs=args.val_docs, shard_size=args.shard_size,
-                           min_tokens=args.min_tokens)
+                           min_tokens=args.min_tokens, tokenizer=args.tokenizer)
         else:
             download(fineweb_names(args.num_chunks), args.data_dir or "data/fineweb10B",
                      args.base_url, retries=args.retries)

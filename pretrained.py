@@ -198,6 +198,28 @@ class SafetensorsFile:
         return SafetensorsFile(self.path)  # the same file, mapped once more
 
 
+class TorchFile:
+    """A pytorch_model.bin (a zip of tensors): read with weights_only (no code runs) and memory-mapped."""
+
+    def __init__(self, path):
+        import torch
+        self.path = path
+        try:
+            self.tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a truncated zip, a pickle with code in it, another format ...
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ReleaseError(f"{path}: not a complete PyTorch weights file ({why}): download it again") from None
+        if not isinstance(self.tensors, dict) or not all(isinstance(v, torch.Tensor) for v in self.tensors.values()):
+            raise ReleaseError(f"{path}: not a dict of tensors")
+        self.meta = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in self.tensors.items()}
+
+    def get(self, key):
+        return self.tensors[key]
+
+    def again(self):
+        return TorchFile(self.path)
+
+
 class Inventory:
     """A release's tensor list (name: [shape, dtype]) standing in for its file: values on the meta device."""
 
@@ -249,7 +271,8 @@ def map_fields(c, rules):
             raise ReleaseError(f"field {k!r} = {json.dumps(v)}: {e}") from None
         settings.update(got)
         mapped = ", ".join(f"{s}={g!r}" for s, g in got.items())
-        lines.append((f"{k} = {json.dumps(v)}", f"{mapped} ({note})" if mapped and note else mapped or note))
+        lines.append((f"{k} = {json.dumps(v)}", f"{mapped} ({note})" if mapped and note else
+                      mapped or note or "as nanoloop computes it"))
     lines += [(f"{k} = {json.dumps(c[k])}", "not used: the hub's bookkeeping") for k in c if k in HUB_FIELDS]
     return settings, lines
 
@@ -272,11 +295,11 @@ def only(value, settings, note, why):
     return rule
 
 
-def looplm(c, optional):
+def looplm(c, optional, keys):
     """LoopLM (harims95/LoopLM: looplm/model.py, looplm/parcae.py). One pre-norm block looped on block(h + e),
     SwiGLU with a fused w13 = [gate; up], GQA with a fused qkv = [q; k; v] and learnable QK-norm gains applied
     before rotate-half RoPE, RMSNorm eps 1e-6 everywhere, keys prefixed model., the tied head stored as a copy.
-    optional(filename) is the path of a release file or None."""
+    optional(filename) is the path of a release file or None; keys, the weights file's tensor names."""
     d, nq = c.get("d_model"), c.get("n_q_heads")
 
     def head_dim(v):
@@ -341,28 +364,187 @@ def looplm(c, optional):
     plan.update(block("model.loop.", "core.0."))
     for j in range(settings["n_coda"]):
         plan.update(block(f"model.coda.{j}.", f"coda.{j}."))
-    drops = {"model.lm_head.weight": ("model.embed.weight", "the tied head's stored copy")}
-    return settings, lines, "model.safetensors", plan, drops
+    drops = {"model.lm_head.weight": {"why": "the tied head's stored copy", "like": "model.embed.weight"}}
+    return dict(settings=settings, lines=lines, plan=plan, drops=drops, transforms={})
 
 
-FAMILIES = {"LoopLM": looplm}
-PLANNED = {"Parcae": "value embeddings and Parcae's RoPE layout are not in nanoloop yet",
-           "Ouro": "Ouro's sandwich norms and untied head are not in nanoloop yet"}
+def parcae(c, optional, keys):
+    """Parcae (sandyresearch/parcae: parcae_lm/models/parcae, parcae_lm/modules). Pre-norm blocks with a ReLU^2 MLP
+    that multiplies by 0.5, interleaved-pair RoPE applied to q and k before a parameter-free QK-norm, the diagonal
+    injection, C after the loop, value embeddings; keys without a prefix, freqs_cis and both tied names stored."""
+    import torch
+    n_head, d = c.get("num_attention_heads"), c.get("n_embd")
+
+    def same_as(field, what):  # a field that must repeat another one's value
+        def rule(v):
+            if v != c.get(field):
+                raise ReleaseError(f"differs from {field} = {json.dumps(c.get(field))}: {what} nanoloop does not have")
+            return {}, f"= {field}"
+        return rule
+
+    def kv_heads(v):
+        if v != n_head:  # Parcae's core blocks are built with num_key_value_heads = num_attention_heads
+            raise ReleaseError(f"differs from num_attention_heads = {n_head}: Parcae's core blocks would then have "
+                               f"other KV heads than its prelude and coda, which nanoloop's blocks do not")
+        return {"n_kv_head": v}, ""
+
+    def rope(v):
+        if not isinstance(v, dict) or set(v) != {"use_rope", "rope_condense_ratio", "rope_base"}:
+            raise ReleaseError("expected use_rope, rope_condense_ratio and rope_base")
+        if v["use_rope"] is not True or v["rope_condense_ratio"] != 1 or not isinstance(v["rope_base"], (int, float)):
+            raise ReleaseError("nanoloop computes RoPE with use_rope true and rope_condense_ratio 1 only")
+        return {"rope_base": float(v["rope_base"])}, "the stored freqs_cis is checked against it"
+
+    def state(v):
+        if v not in ("like-init", "zero"):
+            raise ReleaseError("nanoloop draws h0 like the init (like-init) or starts at zero")
+        return {"state_init": "random" if v == "like-init" else "zero"}, "TruncN(0, sqrt(2/(5d)), +-3 std)"
+    number, null = (int, float), type(None)
+    train_only = unused("a training setting; the function of the weights does not depend on it")
+    settings, lines = map_fields(c, {
+        "name": (str, unused("the model's name")),
+        "hf_config": (dict, unused("the model's name")),
+        "block_size": (int, to("block_size")),
+        "n_embd": (int, to("n_embd")),
+        "intermediate_size": (int, lambda v: ({"mlp": "relu2", "mlp_hidden": v}, "ReLU^2, its 0.5 folded into down")),
+        "num_attention_heads": (int, to("n_head")),
+        "num_key_value_heads": (int, kv_heads),
+        "vocab_size": (int, unused("the tokenizer's size; the tables have padded_vocab_size rows")),
+        "padding_multiple": (int, unused("how padded_vocab_size was rounded")),
+        "padded_vocab_size": (int, to("vocab_size")),
+        "rope_settings": (dict, rope),
+        "use_abacus": (bool, only(False, {}, "", "abacus position embeddings are not in nanoloop")),
+        "randomize_positions_from": (null, unused("null: positions are 0, 1, 2 ...")),
+        "block_class_name": (str, only("TransformerPreNormBlock", {}, "nanoloop's Block", "another block class")),
+        "norm_class_name": (str, only("RMSNorm", {}, "RMSNorm in fp32", "another norm class")),
+        "attn_impl": (str, unused("the attention kernel: the same causal softmax attention")),
+        "norm_eps": (number, to("norm_eps")),
+        "mlp_class_name": (str, only("BaseMLP", {}, "fc, nonlinearity, proj", "another MLP class")),
+        "nonlin_name": (str, only("ReLU2", {}, "relu(x)^2 * 0.5", "another nonlinearity")),
+        "bias": (bool, only(False, {}, "", "biases are not in nanoloop's blocks")),
+        "qk_bias": (bool, only(False, {}, "", "a QK bias is not in nanoloop's attention")),
+        "init_strategy": (str, only("scaled-zero", {}, "no embedding or logit scale", "init strategies other than "
+                                    "scaled-zero may scale the embedding or the logits, which nanoloop does not")),
+        "init_orthogonal": (bool, unused("initialisation only")),
+        "skip_initialization": (bool, unused("initialisation only")),
+        "mup_model_scaling_factor": (number, only(1, {}, "", "a muP factor scales the logits")),
+        "use_fused_head": (str, unused("the output head's kernel: the same logits")),
+        "debias_attention": (bool, only(False, {}, "", "not in nanoloop's attention")),
+        "center_attention": (bool, only(False, {}, "", "not in nanoloop's attention")),
+        "clip_qkv": (null, unused("null: q, k, v are not clipped")),
+        "qk_norm": (bool, only(True, {"qk_norm": "plain"}, "parameter-free, after RoPE: the same as before it",
+                               "Parcae without QK-norm is not a model nanoloop computes")),
+        "logit_softcap": (null, unused("null: the logits are not capped")),
+        "activation_checkpoint_impl": (str, unused("memory only")),
+        "simple_ops": (bool, only(False, {}, "", "not a path nanoloop has checked")),
+        "strategy": (str, unused("the distributed strategy")),
+        "injection_type": (str, only("diagonal", {"injection": "diagonal"}, "", "only Parcae's diagonal injection")),
+        "n_layers_in_recurrent_block": (int, to("n_core")),
+        "n_layers_in_prelude": (int, to("n_prelude")),
+        "n_layers_in_coda": (int, to("n_coda")),
+        "state_init": (str, state),
+        "recurrent_embedding_dimension": (int, same_as("n_embd", "a loop state of another width")),
+        "recurrent_intermediation_embedding_dimension": (int, same_as("intermediate_size", "a core MLP of another size")),
+        "recurrent_num_attention_heads": (null, unused("null: the core has num_attention_heads")),
+        "prelude_norm": (bool, to("prelude_norm")),
+        "sampling_scheme": (str, train_only),
+        "mean_recurrence": (int, to("mean_recurrence")),
+        "mean_backprop_depth": (int, to("backprop_depth")),
+        "lockstep_n": (bool, train_only),
+        "lockstep_k": (bool, train_only),
+        "curriculum_target": (str, train_only),
+        "recurrent_iteration_method": (str, train_only),
+        "tie_embeddings": (bool, only(True, {}, "the head is the embedding", "an untied Parcae head is not supported")),
+        "model_class_name": (str, only("Parcae", {}, "", "another model class")),
+        "_is_recurrent_block_config": (bool, only(False, {}, "", "the config of a core block, not of a model")),
+        "_class_name": (str, unused("the family: ParcaeConfig")),
+    })
+    settings.update(depth_sampling="sequence")
+    lines.append(("(Parcae's poisson-truncated-full per sequence)", "depth_sampling='sequence' (fine-tuning)"))
+    if isinstance(n_head, int) and isinstance(d, int) and (n_head < 1 or d % n_head):
+        raise ReleaseError(f"n_embd = {d} is not divisible by num_attention_heads = {n_head}")
+    hd = d // n_head
+    # value embeddings: their layout read from the file's keys, each table with its gate
+    n_pre, n_core, n_coda = settings["n_prelude"], settings["n_core"], settings["n_coda"]
+    where = [f"transformer.prelude.{i}." for i in range(n_pre)] + [f"transformer.core_block.{j}." for j in
+             range(n_core)] + [f"transformer.coda.{j}." for j in range(n_coda)]  # by effective layer index
+    tables = sorted(int(k.split(".")[1]) for k in keys if re.fullmatch(r"value_embeds\.\d+\.weight", k))
+    gates = [i for i, p in enumerate(where) if f"{p}attn.ve_gate.weight" in keys]
+    for k in tables:
+        if k >= len(where) or k not in gates:
+            raise ReleaseError(f"value_embeds.{k}.weight has no gate ({where[k] if k < len(where) else 'no layer '}"
+                               f"{'attn.ve_gate.weight' if k < len(where) else str(k)}): a table without a gate")
+    for i in gates:
+        if i not in tables:
+            raise ReleaseError(f"{where[i]}attn.ve_gate.weight has no table value_embeds.{i}.weight: a gate without a table")
+    rule = [i for i in range(len(where)) if i % 2 == (len(where) - 1) % 2]
+    if tables and tables != rule:
+        raise ReleaseError(f"value embeddings at layers {tables}; nanoloop's are at {rule} (every other layer, the "
+                           f"last included)")
+    settings["value_embeds"] = bool(tables)
+    lines.append((f"(value_embeds.* in the file: layers {tables})", f"value_embeds={bool(tables)}"))
+    nanoloop = [f"prelude.{i}." for i in range(n_pre)] + [f"core.{j}." for j in range(n_core)] + \
+               [f"coda.{j}." for j in range(n_coda)]
+    plan = {"transformer.wte.weight": ["wte.weight"], "transformer.ln_f.weight": ["ln_f.weight"],
+            "transformer.adapter.A_log": ["A_log"], "transformer.adapter.dt_bias": ["dt_bias"],
+            "transformer.adapter.B": ["B.weight"], "transformer.C.weight": ["C.weight"]}
+    if settings["prelude_norm"]:
+        plan["transformer.ln_prelude.weight"] = ["ln_prelude.weight"]
+    transforms = {}
+    # interleaved pairs (2i, 2i+1) of each head -> rotate-half pairs (i, i + hd/2); QK-norm is indifferent to the order
+    perm = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
+    rotate_half = (lambda t: t.view(-1, hd, t.size(-1))[:, perm].reshape(t.shape), "rows to rotate-half order")
+    for k, (src, dst) in enumerate(zip(where, nanoloop)):
+        plan.update({f"{src}norm_1.weight": [f"{dst}ln_1.weight"], f"{src}attn.c_q.weight": [f"{dst}attn.q.weight"],
+                     f"{src}attn.c_k.weight": [f"{dst}attn.k.weight"], f"{src}attn.c_v.weight": [f"{dst}attn.v.weight"],
+                     f"{src}attn.c_proj.weight": [f"{dst}attn.o.weight"], f"{src}norm_2.weight": [f"{dst}ln_2.weight"],
+                     f"{src}mlp.fc.weight": [f"{dst}mlp.up.weight"], f"{src}mlp.proj.weight": [f"{dst}mlp.down.weight"]})
+        transforms.update({f"{dst}attn.q.weight": rotate_half, f"{dst}attn.k.weight": rotate_half,
+                           f"{dst}mlp.down.weight": (lambda t: 0.5 * t, "times 0.5 (ReLU^2's factor)")})
+        if k in tables:
+            plan.update({f"value_embeds.{k}.weight": [f"{dst}attn.ve.weight"],
+                         f"{src}attn.ve_gate.weight": [f"{dst}attn.ve_gate.weight"]})
+
+    def rope_check(t):  # the stored tables, (1, block_size, 1, hd/2, [cos, sin]), against nanoloop's own
+        from model import GPTConfig, rope_tables
+        cos, sin = rope_tables(GPTConfig(n_embd=d, n_head=n_head, n_kv_head=n_head, block_size=settings["block_size"],
+                                         rope_base=settings["rope_base"]))
+        if not (torch.equal(t[0, :, 0, :, 0].float(), cos) and torch.equal(t[0, :, 0, :, 1].float(), sin)):
+            return "differs from nanoloop's RoPE tables for rope_base and block_size: another RoPE"
+    drops = {"lm_head.weight": {"why": "the tied head's stored copy", "like": "transformer.wte.weight"},
+             "freqs_cis": {"why": "RoPE's cos and sin tables", "shape": (1, settings["block_size"], 1, hd // 2, 2),
+                           "check": rope_check, "checked": "checked equal to nanoloop's own"}}
+    # its own tokenizer: BOS starts a HellaSwag context and a prompt (receval's CORE), not LAMBADA or val text
+    tokenizer = {"repo": "SandyResearch/parcae-tokenizer", "vocab": c["vocab_size"], "bos": "<|bos|>",
+                 "eos": "<|eos|>", "bos_in": ("hellaswag", "sample")}
+    return dict(settings=settings, lines=lines, plan=plan, drops=drops, transforms=transforms, tokenizer=tokenizer)
 
 
-def release_map(c, where, optional=lambda filename: None):
-    """(family, settings, lines of the config mapping, weights file name, plan, drops) of config.json's dict c.
-    plan: {file key: [parameter, ...]}, the parameters its rows fill in order (one: the whole tensor);
-    drops: {file key: (the key it must equal, what it is)}."""
+FAMILIES = {"LoopLM": looplm, "Parcae": parcae}
+WEIGHTS = {"LoopLM": "model.safetensors", "Parcae": "pytorch_model.bin"}  # each family's weights file
+PLANNED = {"Ouro": "Ouro's sandwich norms and untied head are not in nanoloop yet"}
+
+
+def family_of(c, where):
+    """The family of config.json's dict c, one nanoloop loads; a one-line error otherwise."""
     if not isinstance(c, dict):
         raise ReleaseError(f"{where}: not a JSON object")
     fam = family(c)
     if fam is None:
-        raise ReleaseError(f"{where}: not the config of a family nanoloop loads (LoopLM; Parcae and Ouro planned)")
+        raise ReleaseError(f"{where}: not the config of a family nanoloop loads (LoopLM, Parcae; Ouro planned)")
     if fam not in FAMILIES:
         raise ReleaseError(f"{where}: the config of a {fam} release; nanoloop cannot load {fam} yet: {PLANNED[fam]}")
+    return fam
+
+
+def release_map(c, where, optional=lambda filename: None, keys=()):
+    """The map of a release, from config.json's dict c and its weights file's tensor names keys: a dict of
+    family, weights (the file's name), settings (GPTConfig's), lines (the config mapping, for the check),
+    plan {file key: [parameter, ...]} (the parameters its rows fill, in order), transforms {parameter: (fn, what)}
+    (applied to its rows) and drops {file key: {why, like (the key it must equal) or shape and check(tensor)}}."""
+    fam = family_of(c, where)
     try:
-        return (fam, *FAMILIES[fam](c, optional))
+        return dict(family=fam, weights=WEIGHTS[fam], **FAMILIES[fam](c, optional, keys))
     except ReleaseError as e:  # named by the file it is about: config.json, unless another file says so itself
         msg = str(e)
         raise ReleaseError(msg if msg.split(":")[0].endswith(".json") else f"{where}: {msg}") from None
@@ -393,10 +575,10 @@ def apply_overrides(settings, overrides, where):
     return {**out, **overrides}
 
 
-def check_file(reader, plan, drops, shapes, where):
+def check_file(reader, m, shapes, where):
     """From the header, before any value is read: every tensor consumed or dropped, every parameter filled, every
     shape what the config implies, one float dtype. Returns that dtype's name."""
-    have = reader.meta
+    have, plan, drops = reader.meta, m["plan"], m["drops"]
     missing = [k for k in [*plan, *drops] if k not in have]
     extra = [k for k in have if k not in plan and k not in drops]
     for keys, why in ((missing, "is missing: not the file this config describes"),
@@ -407,7 +589,7 @@ def check_file(reader, plan, drops, shapes, where):
     expect = {}
     for key, params in plan.items():  # the row blocks of a tensor, one per parameter
         expect[key] = (sum(shapes[p][0] for p in params), *shapes[params[0]][1:])
-    expect.update({k: expect[same] for k, (same, _) in drops.items()})
+    expect.update({k: tuple(d["shape"]) if "shape" in d else expect[d["like"]] for k, d in drops.items()})
     for k, (shape, dtype) in have.items():
         if shape != expect[k]:
             raise ReleaseError(f"{where}: tensor {k!r} has shape {list(shape)}; the config implies {list(expect[k])}")
@@ -425,35 +607,45 @@ def check_file(reader, plan, drops, shapes, where):
     return first
 
 
-def convert(reader, plan, drops, shapes, dtype, where):
-    """{parameter: tensor}: each a row block of its file tensor in dtype, a view of the file when no cast is
-    needed. The dropped tensors are checked first (on the meta device they cannot be)."""
+def convert(reader, m, shapes, dtype, where):
+    """{parameter: tensor}: each a row block of its file tensor, transformed if the map says so, in dtype; a view
+    of the file when neither applies. The dropped tensors are checked first (on the meta device they cannot be)."""
     import torch
     check = reader.again()  # its own mapping, unmapped after the checks: a dropped copy's pages leave memory
-    for k, (same, why) in drops.items():
-        a, b = check.get(k), check.get(same)
-        if not a.is_meta and not torch.equal(a, b):
-            diff = (a.float() - b.float()).abs().max().item()
-            raise ReleaseError(f"{where}: tensor {k!r}, {why}, differs from {same!r} (max |diff| {diff:.3g}): "
-                               f"not the file this config describes")
+    for k, d in m["drops"].items():
+        t = check.get(k)
+        if t.is_meta:
+            continue
+        if "like" in d and not torch.equal(t, check.get(d["like"])):
+            diff = (t.float() - check.get(d["like"]).float()).abs().max().item()
+            problem = f"differs from {d['like']!r} (max |diff| {diff:.3g})"
+        else:
+            problem = d["check"](t) if "check" in d else None
+        if problem:
+            raise ReleaseError(f"{where}: tensor {k!r}, {d['why']}, {problem}: not the file this config describes")
     del check
     state = {}
-    for key, params in plan.items():
+    for key, params in m["plan"].items():
         t, row = reader.get(key), 0
         for p in params:
-            state[p] = t[row:row + shapes[p][0]].to(dtype)  # .to: the same tensor when it has this dtype already
+            piece = t[row:row + shapes[p][0]]
             row += shapes[p][0]
+            piece = piece.to(dtype)  # the same tensor when it has this dtype already
+            state[p] = m["transforms"][p][0](piece) if p in m["transforms"] else piece
     return state
 
 
-def accounting(reader, plan, drops):
+def accounting(reader, m):
     """One line per tensor of the file: its shape and what became of it."""
     lines = []
     for k, (shape, _) in reader.meta.items():
-        if k in drops:
-            what = f"dropped: {drops[k][1]}, checked equal to {drops[k][0]}"
+        if k in m["drops"]:
+            d = m["drops"][k]
+            what = f"dropped: {d['why']}, " + (f"checked equal to {d['like']}" if "like" in d else d["checked"])
         else:
-            what = " + ".join(plan[k]) + (" (its rows in this order)" if len(plan[k]) > 1 else "")
+            params = m["plan"][k]
+            what = " + ".join(p + (f" ({m['transforms'][p][1]})" if p in m["transforms"] else "") for p in params)
+            what += " (its rows in this order)" if len(params) > 1 else ""
         lines.append(f"  {k} {list(shape)} -> {what}")
     return lines
 
@@ -477,6 +669,46 @@ def build(config, state, device="cpu"):
     return model.to(device).eval()
 
 
+def find_tokenizer(files, m, rows):
+    """What a release's tokenizer is made from (a checkpoint keeps it): "gpt2", or the release's own tokenizer.json,
+    beside the weights if it is there, else from the tokenizer's hub repo; its vocabulary checked against the
+    config (rows: the model's table)."""
+    t = m.get("tokenizer", "gpt2")
+    if t == "gpt2":
+        return t
+    path = files.path("tokenizer.json", required=False)
+    if path is None:
+        path = Files(t["repo"]).path("tokenizer.json", required=False)
+    if path is None:
+        raise ReleaseError(f"{files.where()}: no tokenizer.json beside the weights, and {t['repo']}'s is not in the "
+                           f"Hugging Face cache nor reachable: put the release's tokenizer.json in the folder with "
+                           f"its weights")
+    with open(path, encoding="utf-8") as f:
+        spec = {"tokenizer.json": f.read(), "bos": t["bos"], "eos": t["eos"], "bos_in": list(t["bos_in"])}
+    n = make_tokenizer(spec, path).n_vocab
+    if n != t["vocab"] or n > rows:
+        raise ReleaseError(f"{path}: a tokenizer of {n:,} ids, but the release's config has vocab_size {t['vocab']:,} "
+                           f"({rows:,} rows): not this release's tokenizer")
+    files.paths["tokenizer.json"] = path
+    return spec
+
+
+def release_tokenizer(name_or_dir):
+    """The tokenizer of a release (or "gpt2"), from its config.json and tokenizer files alone: the weights are not
+    fetched (prepare_fineweb.py --tokenizer)."""
+    if name_or_dir == "gpt2":
+        return GPT2Tokenizer()
+    files = Files(name_or_dir)
+    where = files.path("config.json")
+    try:
+        with open(where) as f:
+            c = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ReleaseError(f"{where}: not a JSON config ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    m = release_map(c, where)
+    return make_tokenizer(find_tokenizer(files, m, m["settings"]["vocab_size"]), name_or_dir)
+
+
 class Release:
     """A release found (a hub repo's files downloaded, or a local folder), its config mapped to a GPTConfig and its
     weights file checked from the header; no weight value is read until model(). overrides: GPTConfig settings
@@ -491,9 +723,12 @@ class Release:
                 c = json.load(f)
         except (OSError, ValueError) as e:
             raise ReleaseError(f"{where}: not a JSON config ({type(e).__name__}: {' '.join(str(e).split())})") from None
-        self.family, settings, self.lines, weights, self.plan, self.drops = release_map(
-            c, where, lambda f: files.path(f, required=False))
-        settings = apply_overrides(settings, overrides, files.where())
+        fam = family_of(c, where)
+        files.weights = files.path(WEIGHTS[fam])
+        self.reader = (SafetensorsFile if files.weights.endswith(".safetensors") else TorchFile)(files.weights)
+        self.map = m = release_map(c, where, lambda f: files.path(f, required=False), self.reader.meta)
+        self.family, self.lines = fam, m["lines"]
+        settings = apply_overrides(m["settings"], overrides, files.where())
         try:
             self.config = GPTConfig(**settings)
         except ValueError as e:  # a value nanoloop cannot build: say which fields gave it
@@ -502,10 +737,8 @@ class Release:
             raise ReleaseError(f"{where}: {', '.join(fields_) or 'its fields'} {'gives' if len(fields_) == 1 else 'give'} "
                                f"{e}") from None
         self.shapes = param_shapes(self.config)
-        files.weights = files.path(weights)
-        self.reader = SafetensorsFile(files.weights)
-        self.dtype = check_file(self.reader, self.plan, self.drops, self.shapes, files.weights)
-        self.tokenizer_name = GPT2Tokenizer.name  # LoopLM's; a checkpoint fine-tuned from it remembers the name
+        self.dtype = check_file(self.reader, m, self.shapes, files.weights)
+        self.tokenizer_spec = find_tokenizer(files, m, self.config.vocab_size)
 
     def model(self, device="cpu", dtype=None):
         """A GPT in eval mode. dtype: its parameters' (a float torch dtype or its name; default float32). Each
@@ -514,13 +747,13 @@ class Release:
         kind = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype or torch.float32
         if not isinstance(kind, torch.dtype) or not kind.is_floating_point:
             raise ReleaseError(f"dtype={dtype!r}: the parameters take a float dtype (float32, bfloat16, float16)")
-        state = convert(self.reader.again(), self.plan, self.drops, self.shapes, kind, self.files.weights)
+        state = convert(self.reader.again(), self.map, self.shapes, kind, self.files.weights)
         model = build(dataclasses.replace(self.config), state, device)
         model.release = self  # where it came from: record() for a run record
         return model
 
     def tokenizer(self):
-        return GPT2Tokenizer()  # LoopLM's, and nanoloop's own
+        return make_tokenizer(self.tokenizer_spec)
 
     def record(self):
         """What a run record keeps: family, name, hub repo and commit (or the folder), and each file's sha256."""
@@ -549,6 +782,8 @@ class GPT2Tokenizer:
         self.n_vocab = self.enc.n_vocab    # 50257; models pad their tables to 50304
         self.bos = self.eos = EOT          # every document starts with <|endoftext|>, as nanoloop's shards
         self.special = {"<|endoftext|>": EOT}
+        self.bos_in = ("hellaswag", "lambada", "text")  # what starts with bos: eval.py's tasks, a built-in text
+        self.spec = "gpt2"                 # what a checkpoint keeps of it
 
     def encode(self, text, specials=False):
         """Token ids of text; specials=True reads <|endoftext|> in it as the special token (sample.py's prompts)."""
@@ -565,12 +800,101 @@ class GPT2Tokenizer:
         return token_byte_lengths(vocab_size)
 
 
+def byte_decoder():
+    """Byte-level BPE's map from the printable character standing for each byte back to the byte (GPT-2's table)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:  # the bytes with no printable character of their own get 256, 257 ...
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class JSONTokenizer:
+    """A release's own tokenizer.json, read by the tokenizers package, so its ids are the release's by construction:
+    encode, decode, the special ids. bos_in: what starts with bos, as the release evaluates it."""
+    name = "tokenizer.json"
+
+    def __init__(self, text, bos, eos, bos_in, where="tokenizer.json"):
+        from tokenizers import Tokenizer
+        try:
+            self.tok = Tokenizer.from_str(text)
+        except Exception as e:
+            raise ReleaseError(f"{where}: not a tokenizers file ({' '.join(str(e).split())})") from None
+        self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        self.special = {t.content: i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
+        missing = [s for s in (bos, eos) if s not in self.special]
+        if missing:
+            raise ReleaseError(f"{where}: no special token {missing[0]!r}")
+        self.bos, self.eos, self.bos_in = self.special[bos], self.special[eos], tuple(bos_in)
+        self.spec = {"tokenizer.json": text, "bos": bos, "eos": eos, "bos_in": list(bos_in)}
+
+    def encode(self, text, specials=False):
+        """Token ids of text, no BOS/EOS added; specials=True reads special-token literals in it as the tokens
+        (sample.py's prompts, and the tokenizers package's own default), otherwise they are text."""
+        self.tok.encode_special_tokens = not specials
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        """The text of ids, special tokens included; ids past the tokenizer (a padded table's rows) become U+FFFD."""
+        out, run = [], []
+        for t in [*ids, None]:
+            if t is not None and t < self.n_vocab:
+                run.append(t)
+                continue
+            out.append(self.tok.decode(run, skip_special_tokens=False) if run else "")
+            run = []
+            if t is not None:
+                out.append("\ufffd")
+        return "".join(out)
+
+    def token_bytes(self, vocab_size):
+        """Bytes of text each id stands for (vocab_size,), for bits per byte: 0 for specials and padding."""
+        import numpy as np
+        chars, lengths = byte_decoder(), np.zeros(vocab_size, dtype=np.int64)
+        specials = set(self.special.values())
+        for i in range(min(vocab_size, self.n_vocab)):
+            token = self.tok.id_to_token(i)
+            if i in specials or token is None:
+                continue
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):  # byte fallback
+                lengths[i] = 1
+            elif all(ch in chars for ch in token):  # byte-level: one character a byte
+                lengths[i] = len(token)
+            else:
+                lengths[i] = len(token.encode())
+        return lengths
+
+
+def make_tokenizer(spec, where="tokenizer"):
+    """A tokenizer from what a checkpoint or a release map keeps of it: "gpt2", or a tokenizer.json's text with its
+    BOS and EOS tokens."""
+    if spec == "gpt2":
+        return GPT2Tokenizer()
+    if isinstance(spec, dict) and {"tokenizer.json", "bos", "eos", "bos_in"} <= spec.keys():
+        return JSONTokenizer(spec["tokenizer.json"], spec["bos"], spec["eos"], spec["bos_in"], where)
+    raise ValueError(f"{where}: tokenizer {str(spec)[:40]!r} is unknown to this code")
+
+
+def shards_tokenizer(data_dir):
+    """What the token shards in data_dir were made with: "gpt2", or the spec of the release tokenizer that
+    prepare_fineweb.py --tokenizer left beside them (tokenizer.json)."""
+    marker = os.path.join(data_dir, "tokenizer.json")
+    if not os.path.exists(marker):
+        return "gpt2"
+    try:
+        with open(marker, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{marker}: not what prepare_fineweb.py writes ({type(e).__name__})") from None
+
+
 def checkpoint_tokenizer(ckpt):
     """The tokenizer a train.py checkpoint was made with: its "tokenizer" entry (a fine-tuned release's), else GPT-2."""
-    name = ckpt.get("tokenizer", "gpt2")
-    if name != "gpt2":
-        raise ValueError(f"the checkpoint's tokenizer {name!r} is unknown to this code")
-    return GPT2Tokenizer()
+    return make_tokenizer(ckpt.get("tokenizer") or "gpt2", "the checkpoint's tokenizer")
 
 
 def check_ids(ids, model, what="the prompt"):
@@ -585,10 +909,11 @@ def check_ids(ids, model, what="the prompt"):
 
 
 def text_loss(model, tok, depths, text=TEXT):
-    """{T: (loss in nats per token, bits per byte)} of text, which starts a document, at each depth T."""
+    """{T: (loss in nats per token, bits per byte)} of text, a document (after the tokenizer's document start if
+    the release evaluates text that way), at each depth T."""
     import torch
     import torch.nn.functional as F
-    ids = ([tok.bos] if tok.bos is not None else []) + tok.encode(text)
+    ids = (([tok.bos] if "text" in tok.bos_in else []) + tok.encode(text))[:model.config.block_size + 1]
     check_ids(ids, model, "the built-in text")
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
     nbytes = torch.as_tensor(tok.token_bytes(model.config.vocab_size))[y[0]]
@@ -624,7 +949,7 @@ def main(argv):
     print("\n".join(f"  {a:<{width}} -> {b}" for a, b in r.lines))
     print(f"{os.path.basename(r.files.weights)}: {len(r.reader.meta)} tensors, {r.dtype}; each consumed by parameters "
           f"or dropped after its check:")
-    print("\n".join(accounting(r.reader, r.plan, r.drops)))
+    print("\n".join(accounting(r.reader, r.map)))
     model, tok = r.model(), r.tokenizer()
     n_file = sum(math.prod(s) for s, _ in r.reader.meta.values())
     print(f"parameters: {model.get_num_params():,}; the file holds {n_file:,} values, "
@@ -641,7 +966,8 @@ def main(argv):
     for seed in (1, 2, 3):
         torch.manual_seed(seed)
         draws.append(text_loss(model, tok, depths))
-    print(f"loss on the built-in text ({len(tok.encode(TEXT))} {tok.name} tokens after one <|endoftext|>; a uniform "
+    start = "after one document start, " if "text" in tok.bos_in else ""
+    print(f"loss on the built-in text ({len(tok.encode(TEXT))} {tok.name} tokens, {start}a uniform "
           f"guess is {math.log(r.config.vocab_size):.2f} nats) by loop depth T, from h0 = 0 (nanoloop's evaluation) "
           f"and from h0 drawn as the release draws it ({r.config.state_init!r}; 3 draws, mean and spread):")
     for T, (loss, bpb) in res.items():

@@ -113,7 +113,7 @@ if start.startswith("FILE:"):
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: cannot read the prompt file: {e}") from None
-ids = tok.encode(start, specials=True) or [tok.bos]
+ids = ([tok.bos] if "sample" in tok.bos_in else []) + tok.encode(start, specials=True) or [tok.bos]
 try:
     pretrained.check_ids(ids, model)
 except ValueError as e:

@@ -50,11 +50,20 @@ def write_synthetic(name, folder, seed=0):
     for k, (shape, dtype) in sorted(inv["tensors"].items()):
         t = torch.randn(shape, generator=g) * 0.02 + (1.0 if len(shape) == 1 else 0.0)  # gains near 1
         tensors[k] = t.to(getattr(torch, dtype))
-    fam, _, _, weights, _, drops = P.release_map(inv["config"], name)
-    for k, (same, _) in drops.items():
-        tensors[k] = tensors[same].clone()
+    m = P.release_map(inv["config"], name, keys=inv["tensors"])
+    for k, d in m["drops"].items():
+        if "like" in d:  # a stored copy: equal to what it copies
+            tensors[k] = tensors[d["like"]].clone()
+    if "freqs_cis" in m["drops"]:  # Parcae's RoPE tables, as its code makes them
+        from model import GPTConfig, rope_tables
+        cos, sin = rope_tables(GPTConfig(**P.apply_overrides(m["settings"], None, name)))
+        tensors["freqs_cis"] = torch.stack([cos, sin], -1)[None, :, None]
     os.makedirs(folder, exist_ok=True)
-    save_file(tensors, os.path.join(folder, weights))
+    if m["weights"].endswith(".safetensors"):
+        save_file(tensors, os.path.join(folder, m["weights"]))
+    else:
+        tensors["lm_head.weight"] = tensors["transformer.wte.weight"]  # one storage, two names, as torch.save keeps them
+        torch.save(tensors, os.path.join(folder, m["weights"]))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(inv["config"], f)
     return folder
@@ -156,29 +165,157 @@ def test_eval_state_random_is_the_releases_own_draw(looplm):
     assert (drawn - REF["logits_T6_h0zero"]).abs().max().item() > 1e-4  # it changes the logits, a little
 
 
+# Parcae: the fixture against the official forward -------------------------------------------------------------
+PARCAE = os.path.join(SHARED, "parcae-tiny")
+PREF = reference(PARCAE)
+PDEPTHS = sorted(int(k.split("_")[1][1:]) for k in PREF if k.startswith("logits_") and k.endswith("h0zero"))
+
+
+@pytest.fixture(scope="module")
+def parcae():
+    return P.load(PARCAE)
+
+
+@pytest.mark.parametrize("T", PDEPTHS)
+@pytest.mark.parametrize("h0", ["zero", "given"])
+def test_parcae_logits_equal_the_official_forward(parcae, T, h0):
+    model, _ = parcae
+    assert PDEPTHS == [1, 3, 8] and model.config.mean_recurrence == 8 and model.config.value_embeds
+    with torch.no_grad():
+        logits, _ = model(PREF["tokens"], PREF["tokens"], num_loops=T, h0=PREF["h0"] if h0 == "given" else None)
+    assert (logits - PREF[f"logits_T{T}_h0{h0}"]).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_parcae_greedy_generation_gives_the_reference_tokens(parcae, use_cache):
+    model, _ = parcae
+    prompt = PREF["greedy_prompt"][None]
+    out = model.generate(prompt, len(PREF["greedy_T8"]), temperature=0, num_loops=8, use_cache=use_cache)
+    assert out[0, prompt.size(1):].tolist() == PREF["greedy_T8"].tolist()
+
+
+def test_parcae_map_permutes_rope_rows_folds_the_half_and_keeps_the_rest_as_views(parcae):
+    model, _ = parcae
+    sd = torch.load(os.path.join(PARCAE, "pytorch_model.bin"), weights_only=True)
+    hd = 24
+    perm = [*range(0, hd, 2), *range(1, hd, 2)]
+    for part, dst in (("prelude.0", model.prelude[0]), ("core_block.1", model.core[1]), ("coda.1", model.coda[1])):
+        q = sd[f"transformer.{part}.attn.c_q.weight"].view(2, hd, 48)
+        assert torch.equal(dst.attn.q.weight, q[:, perm].reshape(48, 48))
+        assert torch.equal(dst.mlp.down.weight, 0.5 * sd[f"transformer.{part}.mlp.proj.weight"])
+        assert torch.equal(dst.attn.v.weight, sd[f"transformer.{part}.attn.c_v.weight"])
+    assert [n for n, m in model.named_modules() if getattr(m, "ve", None) is not None] == \
+        ["prelude.1.attn", "core.1.attn", "coda.1.attn"]
+    assert torch.equal(model.core[1].attn.ve.weight, sd["value_embeds.3.weight"])  # the core's table: layer 2 + 1
+
+
+def test_parcae_tokenizer_gives_the_release_ids_for_every_case(parcae):
+    _, tok = parcae
+    with open(os.path.join(PARCAE, "tokenizer_cases.json")) as f:
+        spec = json.load(f)
+    assert tok.n_vocab == spec["vocab_size"] == 512 and (tok.bos, tok.eos) == (0, 1)
+    assert {k: tok.special[k] for k in spec["specials"]} == spec["specials"]
+    token_bytes = tok.token_bytes(512)
+    assert len(spec["cases"]) == 30
+    for case in spec["cases"]:
+        ids = tok.encode(case["text"], specials=True)  # the tokenizers package's own reading, as the release's
+        assert ids == case["ids"], case["text"]
+        assert tok.decode(ids) == case["decoded"] == case["text"]
+        plain = tok.encode(case["text"])  # special-token literals as text: the bytes of every id add up
+        assert sum(token_bytes[plain]) == len(case["text"].encode()), case["text"]
+    assert tok.encode("<|bos|>", specials=True) == [0] and 0 not in tok.encode("<|bos|>")
+    assert tok.decode([0, 600]).endswith("\ufffd")  # a padded row: no text
+
+
+PBAD = {
+    "qk bias": (dict(config=lambda c: c.update(qk_bias=True)), ["'qk_bias' = true"]),
+    "softcap": (dict(config=lambda c: c.update(logit_softcap=30.0)), ["'logit_softcap' = 30.0", "should be NoneType"]),
+    "condensed rope": (dict(config=lambda c: c["rope_settings"].update(rope_condense_ratio=2)), ["'rope_settings'",
+                                                                                               "rope_condense_ratio 1"]),
+    "init scale": (dict(config=lambda c: c.update(init_strategy="takase")), ["'init_strategy' = \"takase\""]),
+    "gelu": (dict(config=lambda c: c.update(nonlin_name="GELU")), ["'nonlin_name' = \"GELU\""]),
+    "gqa": (dict(config=lambda c: c.update(num_key_value_heads=1)), ["'num_key_value_heads' = 1", "core blocks"]),
+    "rope base": (dict(config=lambda c: c["rope_settings"].update(rope_base=10000)), ["'freqs_cis'", "differs from"]),
+    "tokenizer vocab": (dict(config=lambda c: c.update(vocab_size=500)), ["tokenizer.json", "512 ids", "vocab_size 500"]),
+    "gate without table": (dict(raw=lambda f: P_edit(f, lambda sd: sd.pop("value_embeds.3.weight"))),
+                           ["core_block.1.attn.ve_gate.weight has no table value_embeds.3.weight"]),
+    "table without gate": (dict(raw=lambda f: P_edit(f, lambda sd: sd.pop("transformer.coda.1.attn.ve_gate.weight"))),
+                           ["value_embeds.5.weight has no gate"]),
+    "shape": (dict(raw=lambda f: P_edit(f, lambda sd: sd.update({"transformer.C.weight": torch.zeros(48, 47)}))),
+              ["'transformer.C.weight' has shape [48, 47]"]),
+    "head copy": (dict(raw=lambda f: P_edit(f, lambda sd: sd.update({"lm_head.weight": sd["lm_head.weight"] + 1}))),
+                  ["'lm_head.weight'", "differs from 'transformer.wte.weight'"]),
+    "truncated": (dict(raw=lambda f: open(os.path.join(f, "pytorch_model.bin"), "r+b").truncate(20000)),
+                  ["pytorch_model.bin: not a complete PyTorch weights file"]),
+}
+
+
+def P_edit(folder, edit):
+    path = os.path.join(folder, "pytorch_model.bin")
+    sd = torch.load(path, weights_only=True)
+    edit(sd)
+    torch.save(sd, path)
+
+
+def parcae_copy(tmp_path, config=None, raw=None):
+    folder = tmp_path / "parcae"
+    shutil.copytree(PARCAE, folder)
+    if config is not None:
+        with open(folder / "config.json") as f:
+            c = json.load(f)
+        config(c)
+        with open(folder / "config.json", "w") as f:
+            json.dump(c, f)
+    if raw is not None:
+        raw(str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("case", sorted(PBAD))
+def test_bad_parcae_release_is_one_line_naming_the_culprit(tmp_path, case):
+    edit, words = PBAD[case]
+    with pytest.raises(P.ReleaseError) as e:
+        P.load(parcae_copy(tmp_path, **edit))
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_parcae_without_its_tokenizer_offline_says_where_to_put_it(tmp_path):
+    folder = parcae_copy(tmp_path, raw=lambda f: os.remove(os.path.join(f, "tokenizer.json")))
+    env = dict(ENV, HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "pretrained.py", folder], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "no tokenizer.json beside the weights" in r.stderr and "SandyResearch/parcae-tokenizer" in r.stderr
+
+
 # the real releases' layout, on the meta device ----------------------------------------------------------------
-PUBLISHED = {"looplm-135m-naive": 134.1e6}  # parameters as the release states them (LoopLM's README: 134.1M)
+# parameters as the releases state them, and the power of ten they are given to: LoopLM's README 134.1M, Parcae's
+# model cards 144M / 388M / 777M / 1339M
+PUBLISHED = {"looplm-135m-naive": (134.1e6, 5), "parcae-140m": (144e6, 6), "parcae-370m": (388e6, 6),
+             "parcae-770m": (777e6, 6), "parcae-1.3b": (1339e6, 6)}
+RELEASE_DEPTH = {"LoopLM": 6, "Parcae": 8}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_real_release_inventory_maps_on_the_meta_device(name):
     inv = inventory(name)
-    fam, settings, _, _, plan, drops = P.release_map(inv["config"], name)
-    config = GPTConfig(**P.apply_overrides(settings, None, name))
+    m = P.release_map(inv["config"], name, keys=inv["tensors"])
+    config = GPTConfig(**P.apply_overrides(m["settings"], None, name))
     shapes = P.param_shapes(config)
     reader = P.Inventory(inv["tensors"])
-    assert P.check_file(reader, plan, drops, shapes, name) == "float32"
-    state = P.convert(reader, plan, drops, shapes, torch.float32, name)
+    assert P.check_file(reader, m, shapes, name) == "float32"
+    state = P.convert(reader, m, shapes, torch.float32, name)
     assert {k: tuple(v.shape) for k, v in state.items()} == shapes and all(v.is_meta for v in state.values())
-    consumed = [k for k in plan] + [k for k in drops]
+    consumed = [k for k in m["plan"]] + [k for k in m["drops"]]
     assert sorted(consumed) == sorted(inv["tensors"])  # every tensor of the file, once
     n = sum(math.prod(s) for s in shapes.values())
-    assert n == sum(math.prod(shape) for k, (shape, _) in inv["tensors"].items() if k not in drops)
-    assert round(n / 1e5) == round(PUBLISHED[name] / 1e5)
-    assert config.mean_recurrence == 6 and config.vocab_size == 50304 and config.n_embd == 1024
+    assert n == sum(math.prod(shape) for k, (shape, _) in inv["tensors"].items() if k not in m["drops"])
+    published, digits = PUBLISHED[name]
+    assert round(n / 10 ** digits) == round(published / 10 ** digits)
+    assert config.mean_recurrence == RELEASE_DEPTH[m["family"]]
 
 
-@pytest.mark.parametrize("name,family", [("parcae-140m", "Parcae"), ("ouro-1.4b", "Ouro")])
+@pytest.mark.parametrize("name,family", [("ouro-1.4b", "Ouro")])
 def test_families_not_built_yet_are_named_not_guessed(name, family):
     with pytest.raises(P.ReleaseError, match=f"a {family} release; nanoloop cannot load {family} yet"):
         P.release_map(inventory(name)["config"], name)
@@ -459,7 +596,7 @@ def test_eval_a_release_by_depth(wide, text, tmp_path):
     r = run("eval.py", f"--init_from={wide}", f"--data_dir={text}", f"--eval_data_dir={data}", "--eval_loops=1,6",
             "--val_tokens=2048", f"--out_dir={tmp_path}", "--device=cpu")
     assert r.returncode == 0, r.stderr
-    with open(os.path.join(tmp_path, f"eval_{wide.strip('/').replace('/', '_')}.json")) as f:
+    with open(os.path.join(tmp_path, "eval_looplm-wide.json")) as f:
         res = json.load(f)
     assert res["release"]["files"]["model.safetensors"] and res["eval_loops"] == [1, 6]
     assert set(res["tasks"]) == {"val", "hellaswag", "lambada"} and res["tasks"]["val"]["items"] == 2048
@@ -549,6 +686,88 @@ def test_eval_leaves_out_val_where_there_are_no_shards_unless_asked(wide, tmp_pa
     assert "lambada" in r.stdout and "val " not in r.stdout
     r = run("eval.py", *args, "--tasks=val,lambada")
     assert r.returncode == 1 and r.stderr.startswith("error: no val shards") and r.stderr.count("\n") == 1
+
+
+# Parcae everywhere: its own tokenizer in sample.py, eval.py, prepare_fineweb.py and a fine-tune -----------------
+def test_sample_from_parcae_starts_with_its_bos_and_exits():
+    model, tok = P.load(PARCAE)
+    prompt = "def main():"
+    ids = [tok.bos] + tok.encode(prompt)
+    want = model.generate(torch.tensor([ids]), 10, temperature=0, num_loops=8, use_cache=False)
+    args = [f"--init_from={PARCAE}", f"--start={prompt}", "--temperature=0", "--num_samples=1", "--max_new_tokens=10",
+            "--device=cpu"]
+    r = run("sample.py", *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n[loop depth 8,")[0] == tok.decode(want[0].tolist()) and r.stdout.startswith("<|bos|>")
+    r = run("sample.py", *args, "--exit_criterion=kl", "--exit_threshold=0.01", "--num_loops=16")
+    assert r.returncode == 0 and "mean loop steps per generated token" in r.stdout, r.stderr
+
+
+def test_eval_parcae_on_gpt2_shards_re_encodes_the_documents(text, tmp_path):
+    from test_eval import write_eval_data
+    import eval as ev
+    data = write_eval_data(tmp_path / "evaldata")
+    r = run("eval.py", f"--init_from={PARCAE}", f"--data_dir={text}", f"--eval_data_dir={data}", "--eval_loops=8",
+            "--val_tokens=300", f"--out_dir={tmp_path}", "--device=cpu")
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "eval_parcae-tiny.json") as f:
+        res = json.load(f)["tasks"]
+    model, tok = P.load(PARCAE)
+    rows = ev.val_documents(text, 300, tok, 64)  # each document of the GPT-2 shard, decoded, encoded by Parcae's
+    from prepare_fineweb import open_shard
+    shard = open_shard(ev.val_paths(text)[0])
+    end = int((shard[1:] == 50256).nonzero()[0][0]) + 1  # the first document: after its <|endoftext|>, to the next
+    first = tok.encode(P.GPT2Tokenizer().decode(shard[1:end].tolist()))[:65]
+    assert rows[0][0] + rows[0][1] == first and first[0] != tok.bos  # no BOS, cut to block_size + 1, as Parcae's own
+    n = sum(len(c) for _, c in rows)
+    nats = sum(s[0] for s in ev.score_rows(model, rows, 8, 4))
+    nbytes = sum(tok.token_bytes(512)[c].sum() for _, c in rows)
+    assert res["val"]["items"] == n >= 300 and res["val"]["metrics"]["loss"]["8"] == pytest.approx(nats / n, rel=1e-5)
+    assert res["val"]["metrics"]["bpb"]["8"] == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-5)
+    hs, lb = ev.task_rows("hellaswag", [("A man", ["walks", "runs"], 0)], tok), ev.task_rows("lambada", [("a b", "c")], tok)
+    assert hs[0][0][0][0] == tok.bos and lb[0][0][0][0] != tok.bos  # HellaSwag after <|bos|>, LAMBADA without
+
+
+def test_fine_tune_parcae_on_shards_of_its_own_tokenizer(tmp_path):
+    from prepare_fineweb import sample_documents
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, d in enumerate(sample_documents()[:40]):
+        (docs / f"{i:02d}.txt").write_text(d)
+    shards, out = str(tmp_path / "shards"), str(tmp_path / "ft")
+    r = run("prepare_fineweb.py", "--text", *sorted(str(p) for p in docs.iterdir()), f"--tokenizer={PARCAE}",
+            f"--data_dir={shards}", "--name=pt")
+    assert r.returncode == 0 and os.path.exists(os.path.join(shards, "tokenizer.json")), r.stderr
+    from prepare_fineweb import open_shard
+    val = open_shard(os.path.join(shards, "pt_val_000000.bin"))
+    assert val[0] == 0 and val.max() < 512  # documents start with <|bos|>, the ids are Parcae's
+    args = [f"--init_from={PARCAE}", f"--data_dir={shards}", f"--out_dir={out}", "--block_size=64", "--batch_size=2",
+            "--total_batch_size=128", "--val_tokens=256", "--eval_loops=8", "--log_interval=1", "--compile=False",
+            "--device=cpu", "--max_iters=3", "--eval_interval=3"]
+    r = run("train.py", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["model_args"]["value_embeds"] and ckpt["tokenizer"]["bos"] == "<|bos|>"
+    first = next(x for x in read_jsonl(os.path.join(out, "log.jsonl")) if "val" in x)
+    model, _ = P.load(PARCAE)
+    x = torch.from_numpy(val[:257].astype("int64"))
+    with torch.no_grad():
+        want = model(x[:-1].view(4, 64), x[1:].view(4, 64), num_loops=8)[1].item()
+    assert first["iter"] == 0 and first["val"]["8"] == pytest.approx(want, rel=1e-5)  # the release's weights, at first
+    r = run("sample.py", f"--out_dir={out}", "--start=def f", "--num_samples=1", "--max_new_tokens=4", "--device=cpu")
+    assert r.returncode == 0 and r.stdout.startswith("<|bos|>def f"), r.stderr  # its tokenizer, from the checkpoint
+    r = run("train.py", f"--out_dir={out}", "--init_from=resume", "--max_iters=4")
+    assert r.returncode == 0, r.stderr
+    gpt2 = str(tmp_path / "gpt2")
+    from prepare_fineweb import build_sample
+    build_sample(gpt2)
+    r = run("train.py", *args, f"--data_dir={gpt2}", f"--out_dir={tmp_path / 'never'}")
+    assert r.returncode == 1 and "were made with GPT-2's tokenizer" in r.stderr and not os.path.exists(tmp_path / "never")
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
 
 
 if __name__ == "__main__":

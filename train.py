@@ -49,7 +49,7 @@ from configurator import (check_device, configure, datasheet_peak, fit_saturatin
 import pretrained
 import tasks
 from model import GPT, GPTConfig, exit_summary, survival
-from prepare_fineweb import open_shard, read_batch, token_byte_lengths
+from prepare_fineweb import open_shard, read_batch
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -369,8 +369,19 @@ if ckpt is not None and not eval_only:
                          f"{' '.join(str(e).split()) or type(e).__name__}") from None
 runs = [] if ckpt is None else list(ckpt.get("runs", []))  # the records of the runs that made this checkpoint
 # the tokenizer of the text (sample.py and eval.py read it from the checkpoint): a release's, else GPT-2's
-tokenizer = None if task else release.tokenizer_name if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
+tokenizer = None if task else release.tokenizer_spec if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
 del ckpt
+if not task:  # the shards must be in the model's tokenizer: prepare_fineweb.py leaves a release's tokenizer.json beside them
+    try:
+        data_tokenizer = pretrained.shards_tokenizer(data_dir)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if data_tokenizer != tokenizer:
+        made = "GPT-2's tokenizer" if data_tokenizer == "gpt2" else f"another tokenizer ({data_dir}/tokenizer.json)"
+        model_tok = "GPT-2's" if tokenizer == "gpt2" else "its release's own"
+        raise SystemExit(f"error: the shards in {data_dir} were made with {made}; the model reads {model_tok}: make "
+                         f"shards for it with python prepare_fineweb.py --text FILES --tokenizer="
+                         f"{init_from if release else 'gpt2'} (or point --data_dir at such shards)")
 for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
     for group in opt.param_groups:
         group["peak_lr"] = peak  # the schedule scales these; set after loading so a resumed run may change them
@@ -421,7 +432,7 @@ def lr_mult(it):
 
 
 # UTF-8 bytes of every token id, for bits per byte (a loss that does not depend on the tokenizer)
-token_bytes = None if task else torch.from_numpy(token_byte_lengths(cfg.vocab_size)).to(device)
+token_bytes = None if task else torch.from_numpy(pretrained.make_tokenizer(tokenizer).token_bytes(cfg.vocab_size)).to(device)
 
 
 def q_exit_sums(ce, z, valid):
