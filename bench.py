@@ -231,7 +231,7 @@ def bench_release(r):
     print(f"\ninference: batch 1, prompt {prompt_len} tokens, {decode_tokens} decoded tokens, greedy")
     print_table(bench_inference(model, infer_loops))
     if not cuda:
-        rss("after inference (every weight used)")
+        rss("after inference")
 
 
 if release:

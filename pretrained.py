@@ -623,15 +623,16 @@ def convert(reader, m, shapes, dtype, where):
             problem = d["check"](t) if "check" in d else None
         if problem:
             raise ReleaseError(f"{where}: tensor {k!r}, {d['why']}, {problem}: not the file this config describes")
-    del check
-    state = {}
+    state, copies = {}, check  # what is cast or transformed is read through the second mapping too: it is copied
     for key, params in m["plan"].items():
-        t, row = reader.get(key), 0
+        copied = getattr(torch, reader.meta[key][1]) != dtype or all(p in m["transforms"] for p in params)
+        t, row = (copies if copied else reader).get(key), 0
         for p in params:
             piece = t[row:row + shapes[p][0]]
             row += shapes[p][0]
             piece = piece.to(dtype)  # the same tensor when it has this dtype already
             state[p] = m["transforms"][p][0](piece) if p in m["transforms"] else piece
+    del check, copies
     return state
 
 

@@ -66,6 +66,15 @@ def write_synthetic(name, folder, seed=0):
         torch.save(tensors, os.path.join(folder, m["weights"]))
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(inv["config"], f)
+    if "tokenizer" in m:  # the real tokenizer.json is not here: a stand-in of its size and special tokens
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        specials = [m["tokenizer"]["bos"], m["tokenizer"]["eos"]]
+        vocab = {**{s: i for i, s in enumerate(specials)},
+                 **{f"t{i}": i for i in range(len(specials), m["tokenizer"]["vocab"])}}
+        stand_in = Tokenizer(models.WordLevel(vocab, unk_token="t2"))
+        stand_in.pre_tokenizer = pre_tokenizers.Whitespace()
+        stand_in.add_special_tokens(specials)
+        stand_in.save(os.path.join(folder, "tokenizer.json"))
     return folder
 
 
