@@ -694,18 +694,23 @@ def find_tokenizer(files, m, rows):
     return spec
 
 
+def read_config(files):
+    """(path, dict) of a release's config.json."""
+    where = files.path("config.json")
+    try:
+        with open(where) as f:
+            return where, json.load(f)
+    except (OSError, ValueError) as e:
+        raise ReleaseError(f"{where}: not a JSON config ({type(e).__name__}: {' '.join(str(e).split())})") from None
+
+
 def release_tokenizer(name_or_dir):
     """The tokenizer of a release (or "gpt2"), from its config.json and tokenizer files alone: the weights are not
     fetched (prepare_fineweb.py --tokenizer)."""
     if name_or_dir == "gpt2":
         return GPT2Tokenizer()
     files = Files(name_or_dir)
-    where = files.path("config.json")
-    try:
-        with open(where) as f:
-            c = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ReleaseError(f"{where}: not a JSON config ({type(e).__name__}: {' '.join(str(e).split())})") from None
+    where, c = read_config(files)
     m = release_map(c, where)
     return make_tokenizer(find_tokenizer(files, m, m["settings"]["vocab_size"]), name_or_dir)
 
@@ -718,12 +723,7 @@ class Release:
     def __init__(self, name_or_dir, overrides=None):
         from model import GPTConfig
         self.files = files = Files(name_or_dir)
-        where = files.path("config.json")
-        try:
-            with open(where) as f:
-                c = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ReleaseError(f"{where}: not a JSON config ({type(e).__name__}: {' '.join(str(e).split())})") from None
+        where, c = read_config(files)
         fam = family_of(c, where)
         files.weights = files.path(WEIGHTS[fam])
         self.reader = (SafetensorsFile if files.weights.endswith(".safetensors") else TorchFile)(files.weights)
