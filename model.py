@@ -19,6 +19,10 @@ beta times its entropy (exit_objective); Stage II, the gate alone (gate_loss). d
 Parcae's value embeddings (value_embeds): every other layer's attention adds 2 sigmoid(W_g x[..., :32]) * VE[idx]
 to its values, so the token ids reach prelude, core and coda (and decode.py's cached steps).
 
+What each family's released weights need (pretrained.py): LoopLM qk_norm="gain", norm_eps=1e-6, state_init="normal";
+Parcae value_embeds; Ouro sandwich_norm (each branch's output normed before the residual add), tie_head=False,
+qk_norm="none", final_norm=False (the head reads loop_norm's output) and readout_q (decode.exit_step's readout).
+
 Everything an injection adds sits in these places: its parameters (GPT.__init__), their init
 (init_weights), initial_state() ("none" only), inject(), Out before the coda (_coda, "diagonal" only),
 its rho (loop_stats) and its FLOPs (estimate_flops). L is the sequence length throughout, T the loop depth.
@@ -68,10 +72,15 @@ class GPTConfig:
     mlp: str = "relu2"             # "relu2" (ReLU², Parcae) | "swiglu" (SiLU-gated, three matrices, LoopLM)
     mlp_hidden: int = 0            # MLP hidden size; 0 = 4 * n_embd, allowed for relu2 only
     loop_checkpoint: bool = False  # recompute each gradient loop step in backward: memory flat in backprop_depth
+    attn_impl: str = "sdpa"        # "sdpa" (fused kernels) | "eager" (matmul, fp32 softmax, matmul: transformers' order, bit for bit)
     loop_norm: bool = False        # RMSNorm after every loop step, its output the next step's input (Ouro)
     exit_gate: bool = False        # Ouro's exit gate: every step is read out, lambda_t per token
     norm_eps: float = 1e-5         # eps of every RMSNorm with a gain (LoopLM: 1e-6)
-    qk_norm: str = "plain"         # "plain": QK-norm without parameters (Parcae) | "gain": learnable per-head-dim gains (LoopLM)
+    qk_norm: str = "plain"         # "plain": QK-norm without parameters (Parcae) | "gain": learnable per-head-dim gains (LoopLM) | "none" (Ouro)
+    sandwich_norm: bool = False    # Ouro: each branch's output normed too before the residual add (four norms a block)
+    tie_head: bool = True          # the output head is wte's transpose; False: a head of its own (Ouro)
+    final_norm: bool = True        # RMSNorm before the head; False: read straight off loop_norm's output (Ouro's release)
+    readout_q: float = -1.0        # a gated model in eval reads each token out at its Q-exit step for this q (Ouro's release: 1.0); -1: the last step
     value_embeds: bool = False     # Parcae's value embeddings: a token table added to the values of every other layer
 
     def __post_init__(self):
@@ -89,13 +98,15 @@ class GPTConfig:
         if self.n_head % self.n_kv_head:
             bad("n_head", f"must be divisible by n_kv_head={self.n_kv_head}")
         for f, allowed in (("injection", ("add", "concat", "diagonal", "none")), ("state_init", ("random", "normal", "zero")),
-                           ("eval_state", ("zero", "random")), ("qk_norm", ("plain", "gain")),
-                           ("depth_sampling", ("sequence", "batch", "fixed")), ("mlp", ("relu2", "swiglu"))):
+                           ("eval_state", ("zero", "random")), ("qk_norm", ("plain", "gain", "none")),
+                           ("depth_sampling", ("sequence", "batch", "fixed")), ("mlp", ("relu2", "swiglu")),
+                           ("attn_impl", ("sdpa", "eager"))):
             if getattr(self, f) not in allowed:
                 bad(f, f"must be one of {allowed}")
         if self.mlp == "swiglu" and not self.mlp_hidden:  # 4d would be 1.5x relu2's MLP: ask for the size
             bad("mlp_hidden", "must be set (> 0) for mlp='swiglu'")
-        for f in ("prelude_norm", "loop_checkpoint", "loop_norm", "exit_gate", "value_embeds"):
+        for f in ("prelude_norm", "loop_checkpoint", "loop_norm", "exit_gate", "value_embeds", "sandwich_norm",
+                  "tie_head", "final_norm"):
             if not isinstance(getattr(self, f), bool):
                 bad(f, "must be True or False")
         for f in ("rope_base", "norm_eps"):
@@ -103,6 +114,10 @@ class GPTConfig:
                 bad(f, "must be > 0")
         if self.value_embeds and self.n_embd < VE_GATE_CHANNELS:
             bad("n_embd", f"must be >= {VE_GATE_CHANNELS} with value_embeds=True: the gate reads that many channels")
+        if not (isinstance(self.readout_q, (int, float)) and (self.readout_q == -1 or 0 <= self.readout_q <= 1)):
+            bad("readout_q", "must be -1 (off) or a probability in [0, 1]")
+        if self.readout_q >= 0 and not self.exit_gate:
+            bad("readout_q", "needs exit_gate=True: the rule reads the exit gate's CDF")
         if self.exit_gate and self.depth_sampling != "fixed":  # p(t) is over steps 1..T_max of one depth
             bad("depth_sampling", "must be 'fixed' with exit_gate=True: every row runs the same T_max steps")
 
@@ -142,6 +157,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=False)
         self.o = nn.Linear(cfg.n_embd, cfg.n_embd, bias=False)
         self.q_norm = self.k_norm = None
+        self.qk_plain, self.eager = cfg.qk_norm == "plain", cfg.attn_impl == "eager"
         if cfg.qk_norm == "gain":  # LoopLM: a learnable gain per head dimension, shared by the heads
             self.q_norm, self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps), RMSNorm(self.head_dim, cfg.norm_eps)
         self.ve = self.ve_gate = None
@@ -157,9 +173,9 @@ class Attention(nn.Module):
         if self.ve is not None:  # v += 2 sigmoid(W_g x[..., :32]) * VE[idx], the gate in (0, 2) per KV head
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))  # (B, L, n_kv_head)
             v = v + (gate[..., None] * self.ve(idx).view(B, L, self.n_kv_head, self.head_dim)).type_as(v)
-        if self.q_norm is None:  # QK-norm without parameters keeps attention logits bounded however the state grows
+        if self.qk_plain:  # QK-norm without parameters keeps attention logits bounded however the state grows
             q, k = (F.rms_norm(t, (self.head_dim,), eps=QK_EPS) for t in (q, k))
-        else:
+        elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # QK-norm before RoPE (RoPE keeps the norm)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, hd)
@@ -167,11 +183,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache(k, v, store)
         mask = None  # causal: a fresh sequence, or one new token that sees everything cached
-        if not fresh and L > 1:
+        if (not fresh and L > 1) or self.eager:
             past = k.size(2) - L
             mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        if self.eager:  # SDPA's kernels sum in another order: 1e-5 at a step, more after sandwich norms and loops
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, 1) for t in (k, v))
+            w = (q @ k.transpose(2, 3) * self.head_dim ** -0.5).masked_fill(~mask, float("-inf"))
+            y = torch.softmax(w, -1, dtype=torch.promote_types(w.dtype, torch.float32)).to(q.dtype) @ v
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=fresh and mask is None,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.o(y.transpose(1, 2).reshape(B, L, C))
 
 
@@ -194,10 +215,12 @@ class Block(nn.Module):
         super().__init__()
         self.ln_1, self.attn = RMSNorm(cfg.n_embd, cfg.norm_eps), Attention(cfg, value_embed)
         self.ln_2, self.mlp = RMSNorm(cfg.n_embd, cfg.norm_eps), MLP(cfg)
+        post = (lambda: RMSNorm(cfg.n_embd, cfg.norm_eps)) if cfg.sandwich_norm else nn.Identity
+        self.post_ln_1, self.post_ln_2 = post(), post()  # Ouro: a branch's output is normed, the residual stream not
 
     def forward(self, x, cos, sin, cache=None, store=True, idx=None):
-        x = x + self.attn(self.ln_1(x), cos, sin, cache, store, idx)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.post_ln_1(self.attn(self.ln_1(x), cos, sin, cache, store, idx))
+        return x + self.post_ln_2(self.mlp(self.ln_2(x)))
 
 
 def deepest_first(T):
@@ -270,7 +293,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg = config
         d = cfg.n_embd
-        self.wte = nn.Embedding(cfg.vocab_size, d)  # tied with the output head
+        self.wte = nn.Embedding(cfg.vocab_size, d)  # tied with the output head unless tie_head=False
+        self.lm_head = None if cfg.tie_head else nn.Linear(d, cfg.vocab_size, bias=False)
         # value embeddings (Parcae) in every other layer of prelude, core (counted once) and coda, the last included
         n_layers = cfg.n_prelude + cfg.n_core + cfg.n_coda
         ve = [cfg.value_embeds and i % 2 == (n_layers - 1) % 2 for i in range(n_layers)]
@@ -278,7 +302,7 @@ class GPT(nn.Module):
         self.ln_prelude = RMSNorm(d, cfg.norm_eps) if cfg.prelude_norm else None
         self.core = nn.ModuleList(Block(cfg, ve[cfg.n_prelude + j]) for j in range(cfg.n_core))  # one table, every step
         self.coda = nn.ModuleList(Block(cfg, ve[cfg.n_prelude + cfg.n_core + j]) for j in range(cfg.n_coda))
-        self.ln_f = RMSNorm(d, cfg.norm_eps)
+        self.ln_f = RMSNorm(d, cfg.norm_eps) if cfg.final_norm else nn.Identity()  # RMSNorm with gains is not idempotent
         self.ln_loop = RMSNorm(d, cfg.norm_eps) if cfg.loop_norm else None
         if cfg.exit_gate:
             self.exit_gate = nn.Linear(d, 1)  # lambda_t = sigmoid(w . y_t + b), the same for every step
@@ -297,6 +321,7 @@ class GPT(nn.Module):
         self.last_rows_run = 0   # row-steps the core actually ran in the latest forward (= sum of T_i)
         self.last_state = None   # per sequence (B,): RMS of h_T per token, and |h_T - h_T-1| / |h_T| per token
         self.last_exit = None    # gated models given targets (training, or every_step): CE_t and the gate logit z_t (T, B, L)
+        self.last_exit_step = None  # forward(exit_threshold=q): each token's 0-based readout step (B, L)
         self.init_weights()
 
     @torch.no_grad()
@@ -315,7 +340,7 @@ class GPT(nn.Module):
             elif name == "dt_bias":
                 # softplus^-1(-ln sqrt(1/5)): decay exp(-dt) = sqrt(1/5) = 0.4472, dt = 0.8047
                 p.fill_(math.log(math.expm1(-math.log(math.sqrt(0.2)))))
-            elif p.dim() == 2:  # q, k, v, gate, up, wte, C, W
+            elif p.dim() == 2:  # q, k, v, gate, up, wte, lm_head, C, W
                 nn.init.trunc_normal_(p, 0.0, std, -3 * std, 3 * std)
             else:
                 nn.init.ones_(p)  # norm gains
@@ -388,7 +413,7 @@ class GPT(nn.Module):
         return self.ln_f(y)
 
     def head(self, y):
-        logits = F.linear(y, self.wte.weight)  # tied embedding
+        logits = F.linear(y, self.wte.weight if self.lm_head is None else self.lm_head.weight)
         return logits if logits.dtype == torch.float64 else logits.float()  # fp32 (fp64 kept for tests)
 
     def gate_logit(self, y):
@@ -441,10 +466,12 @@ class GPT(nn.Module):
                 self.last_rows_run += m
         return h, rms, residual
 
-    def forward(self, idx, targets=None, num_loops=None, h0=None, exit_beta=0.0, train_gate=False, every_step=None):
+    def forward(self, idx, targets=None, num_loops=None, h0=None, exit_beta=0.0, train_gate=False, every_step=None,
+                exit_threshold=None):
         """Logits and the last step's cross-entropy. A gated model given targets reads out every step too
         (last_exit): in training, or in eval with every_step=True (each readout costs a coda and a head). Its
-        loss is then Stage I's objective if exit_beta > 0, Stage II's if train_gate."""
+        loss is then Stage I's objective if exit_beta > 0, Stage II's if train_gate. exit_threshold q: each token's
+        logits (and loss) from its Q-exit step instead (exit_step; last_exit_step), as Ouro's release reads out."""
         B, L = idx.shape  # L tokens per row (T is the loop depth)
         if L > self.config.block_size:
             raise ValueError(f"sequence of length {L} is longer than block_size={self.config.block_size}")
@@ -461,17 +488,25 @@ class GPT(nn.Module):
         self.last_depths, self.last_rows_run = (n, k), 0
         order = deepest_first(n + k)
         per_step, readout = [], None  # a gated model's (CE_t, z_t) after every step t
-        self.last_exit = None
+        self.last_exit = self.last_exit_step = None
         if every_step is None:
             every_step = self.training or bool(exit_beta) or train_gate
-        if self.config.exit_gate and targets is not None and every_step:
-            if order is not None or (exit_beta and n.any()):
-                raise ValueError("an exit gate's objective needs every row at one depth, each step with gradient")
-
+        if exit_threshold is None and not (self.training or exit_beta or train_gate):
+            exit_threshold = self.config.readout_q if self.config.readout_q >= 0 else None  # the release's own rule
+        states = []  # exit_threshold: the state after every step
+        if exit_threshold is not None and (not self.config.exit_gate or order is not None or exit_beta or train_gate):
+            raise ValueError("exit_threshold reads out a gated model's rows at one depth, without an objective")
+        per_ce = self.config.exit_gate and targets is not None and every_step
+        if per_ce and (order is not None or (exit_beta and n.any())):
+            raise ValueError("an exit gate's objective needs every row at one depth, each step with gradient")
+        if per_ce or exit_threshold is not None:
             def readout(x):
-                args = (x, cos, sin, targets, train_gate, idx)
-                per_step.append(checkpoint(self._readout, *args, use_reentrant=False) if x.requires_grad
-                                else self._readout(*args))
+                if exit_threshold is not None:
+                    states.append(x)
+                if per_ce:
+                    args = (x, cos, sin, targets, train_gate, idx)
+                    per_step.append(checkpoint(self._readout, *args, use_reentrant=False) if x.requires_grad
+                                    else self._readout(*args))
         if order is None:  # already sorted (eval: every row at the same depth)
             h, rms, residual = self._loop(h0, e, cos, sin, n, k, idx, readout)
         else:
@@ -486,7 +521,12 @@ class GPT(nn.Module):
                 obj = gate_loss(ce.detach(), z) if train_gate else exit_objective(ce, z, exit_beta)
                 valid = targets != -1
                 return None, (obj * valid).sum() / valid.sum()
-        y = self._coda(h, cos, sin, idx=idx)  # (B, L, C)
+        if states:  # Q-exit: each token reads out at the first step whose exit CDF reaches q (else the last)
+            ys = torch.stack([self._coda(s, cos, sin, idx=idx) for s in states])  # (T, B, L, C)
+            self.last_exit_step = m = decode.exit_step(self.gate_logit(ys), exit_threshold)  # (B, L), 0-based
+            y = ys.gather(0, m[None, :, :, None].expand(1, *ys.shape[1:]))[0]
+        else:
+            y = self._coda(h, cos, sin, idx=idx)  # (B, L, C)
         if targets is None:
             return self.head(y[:, [-1], :]), None  # (B, 1, V)
         logits = self.head(y)  # (B, L, V)
@@ -563,8 +603,8 @@ class GPT(nn.Module):
 
     cache_nbytes = staticmethod(decode.cache_nbytes)
 
-    def forward_cached(self, idx, cache, num_loops, exit_criterion="none", exit_threshold=0.0):
-        return decode.forward_cached(self, idx, cache, num_loops, exit_criterion, exit_threshold)
+    def forward_cached(self, idx, cache, num_loops, exit_criterion="none", exit_threshold=0.0, exit_cache="copy"):
+        return decode.forward_cached(self, idx, cache, num_loops, exit_criterion, exit_threshold, exit_cache)
 
     def generate(self, idx, max_new_tokens, **kwargs):  # temperature, top_k, num_loops, cache, exit_criterion ...
         return decode.generate(self, idx, max_new_tokens, **kwargs)

@@ -696,6 +696,8 @@ def test_value_embeds_start_with_gates_at_one():
     (dict(mlp="gelu"), "mlp="), (dict(mlp="swiglu"), "mlp_hidden="), (dict(mlp_hidden=-1), "mlp_hidden="),
     (dict(norm_eps=0.0), "norm_eps"), (dict(qk_norm="learned"), "qk_norm"), (dict(eval_state="normal"), "eval_state"),
     (dict(value_embeds=1), "value_embeds"), (dict(value_embeds=True, n_embd=16, n_head=2), "n_embd"),
+    (dict(sandwich_norm=1), "sandwich_norm"), (dict(tie_head="no"), "tie_head"), (dict(attn_impl="flash"), "attn_impl"),
+    (dict(readout_q=1.5), "readout_q"), (dict(readout_q=0.5), "readout_q.*exit_gate"), (dict(qk_norm=None), "qk_norm"),
 ])
 def test_invalid_config_raises(kw, field):
     with pytest.raises(ValueError, match=field):
@@ -969,3 +971,92 @@ def test_ouro_135m_is_looplm_135m_looped_plus_its_norm_and_gate():
     with torch.device("meta"):
         model = GPT(GPTConfig(**args))
     assert model.get_num_params() == 134_102_016 + 1024 + 1025  # + the loop norm's gain, + the gate's w and b
+
+
+# 10. the switches Ouro's release needs ------------------------------------------------------------------
+def test_ouros_switches_change_only_what_they_name():
+    plain = GPT(tiny())
+    keys = set(plain.state_dict())
+    assert not any(k.startswith("lm_head") or "post_ln" in k for k in keys)  # the defaults add nothing
+    cfg = tiny(sandwich_norm=True, tie_head=False, final_norm=False, qk_norm="none")
+    model = GPT(cfg)
+    n_blocks = cfg.n_prelude + cfg.n_core + cfg.n_coda
+    added = set(model.state_dict()) - keys
+    assert added == {f"{p}.{i}.post_ln_{j}.weight" for p, n in (("prelude", 1), ("core", 2), ("coda", 1))
+                     for i in range(n) for j in (1, 2)} | {"lm_head.weight"}
+    assert len(added) == 2 * n_blocks + 1 and "ln_f.weight" not in model.state_dict()
+    assert not any("q_norm" in k for k in model.state_dict())
+    # a block by hand: each branch's output normed before the residual add, no QK-norm
+    model = randomized(cfg, dtype=torch.float64).eval()
+    block, x = model.core[0], torch.randn(2, 8, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for ln in (block.post_ln_1, block.post_ln_2):
+            ln.weight.uniform_(0.5, 1.5)
+    cos, sin = model.cos[:8], model.sin[:8]
+    rms = lambda t, w: t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * w
+    a = block.attn
+    from model import apply_rope
+    q, k = apply_rope(a.q(rms(x, block.ln_1.weight)).view(2, 8, 4, 8), cos, sin), apply_rope(
+        a.k(rms(x, block.ln_1.weight)).view(2, 8, 2, 8), cos, sin)
+    v = a.v(rms(x, block.ln_1.weight)).view(2, 8, 2, 8)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2).repeat_interleave(2, 1), v.transpose(1, 2).repeat_interleave(2, 1)
+    att = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(torch.ones(8, 8).triu(1).bool(), float("-inf")).softmax(-1)
+    h = x + rms(a.o((att @ v).transpose(1, 2).reshape(2, 8, 32)), block.post_ln_1.weight)
+    h = h + rms(block.mlp(rms(h, block.ln_2.weight)), block.post_ln_2.weight)
+    assert torch.allclose(block(x, cos, sin), h, rtol=1e-10, atol=1e-12)
+    # the head is its own matrix, the coda's output goes to it unnormed
+    idx = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        logits, _ = model(idx, idx, num_loops=3)
+        e = model._prelude(idx, cos, sin)
+        h = torch.zeros_like(e)  # eval: h0 = 0
+        for _ in range(3):
+            h = model.core_step(h, e, cos, sin, idx=idx)
+        y = model._coda(h, cos, sin, idx=idx)
+    assert torch.allclose(logits, y @ model.lm_head.weight.T, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+def test_eager_attention_equals_sdpa(injection):
+    a = randomized(tiny(injection, block_size=24), dtype=torch.float64).eval()
+    b = randomized(tiny(injection, block_size=24, attn_impl="eager"), dtype=torch.float64).eval()
+    idx = torch.randint(0, 64, (2, 20))
+    with torch.no_grad():
+        assert torch.allclose(a(idx, idx, num_loops=3)[0], b(idx, idx, num_loops=3)[0], rtol=1e-8, atol=1e-8)
+    for model in (a, b):  # the cached decode too, prompt chunks of more than one token included
+        cache = model.new_cache(3)
+        model.forward_cached(idx[:, :7], cache, 3)
+        model.forward_cached(idx[:, 7:12], cache, 3)
+        last, _ = model.forward_cached(idx[:, 12:13], cache, 3)
+        with torch.no_grad():
+            assert torch.allclose(last, model(idx[:, :13], num_loops=3)[0][:, -1], rtol=1e-8, atol=1e-8)
+
+
+def test_readout_at_q_reads_each_token_at_its_q_exit_step():
+    model = gated_for_decoding(seed=5)
+    idx = torch.randint(0, 64, (3, 10))
+    import decode
+    with torch.no_grad():
+        model(idx, idx, num_loops=4, every_step=True)
+        z = model.last_exit[1]
+        states, h = [], model._prelude(idx, model.cos[:10], model.sin[:10])
+        for _ in range(4):
+            h = model.core_step(h, h, model.cos[:10], model.sin[:10], idx=idx)
+            states.append(model.head(model._coda(h, model.cos[:10], model.sin[:10], idx=idx)))
+        for q in (0.0, 0.4, 0.8, 1.0):
+            logits, _ = model(idx, idx, num_loops=4, exit_threshold=q)
+            S, m = survival(torch.sigmoid(z)), model.last_exit_step
+            hit = torch.cat([1 - S[:-1] >= q, torch.ones(1, 3, 10, dtype=torch.bool)])  # the rule by hand
+            assert torch.equal(m, hit.int().argmax(0)) and torch.equal(decode.exit_step(z, q), m)
+            want = torch.stack(states).gather(0, m[None, :, :, None].expand(1, 3, 10, 64))[0]
+            assert torch.allclose(logits, want, rtol=1e-10, atol=1e-10)
+        assert (model.last_exit_step == 3).all()  # q = 1: the last step (no survival underflows in fp64 here)
+    model.config.readout_q = 0.4  # a release's own rule is its eval default, and its cached decode's
+    with torch.no_grad():
+        default, _ = model(idx, idx, num_loops=4)
+        at, _ = model(idx, idx, num_loops=4, exit_threshold=0.4)
+    assert torch.equal(default, at)
+    cache = model.new_cache(4)
+    model.forward_cached(idx[:, :-1], cache, 4)
+    last, steps = model.forward_cached(idx[:, -1:], cache, 4)
+    assert torch.allclose(last, at[:, -1], rtol=1e-9, atol=1e-10) and torch.equal(steps - 1, model.last_exit_step[:, -1])
