@@ -55,7 +55,7 @@ RELEASES = {  # short name: hub repo
 # the settings a user may change on a release: which depths run, how h0 is drawn, how much memory a step
 # takes, and a shorter context (block_size, shrink only). Every other GPTConfig setting is the release's.
 FREE = ("mean_recurrence", "backprop_depth", "depth_sampling", "state_init", "eval_state", "loop_checkpoint",
-        "block_size")
+        "block_size", "readout_q", "attn_impl")
 HUB_FIELDS = ("architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
               "_name_or_path")  # the hub's bookkeeping: no effect on what the weights compute
 DTYPES = {"F64": "float64", "F32": "float32", "BF16": "bfloat16", "F16": "float16"}  # safetensors' names
@@ -520,9 +520,89 @@ def parcae(c, optional, keys):
     return dict(settings=settings, lines=lines, plan=plan, drops=drops, transforms=transforms, tokenizer=tokenizer)
 
 
-FAMILIES = {"LoopLM": looplm, "Parcae": parcae}
-WEIGHTS = {"LoopLM": "model.safetensors", "Parcae": "pytorch_model.bin"}  # each family's weights file
-PLANNED = {"Ouro": "Ouro's sandwich norms and untied head are not in nanoloop yet"}
+def ouro(c, optional, keys):
+    """Ouro (ByteDance/Ouro-*, remote code modeling_ouro.py): the whole stack of layers looped total_ut_steps times,
+    an RMSNorm after every step whose output is the next step's input, the head's and the exit gate's (no second
+    norm); blocks with a norm on each branch's output too (sandwich), no QK-norm, SwiGLU, an untied head; keys as
+    transformers' Llama, bf16. Its readout rule reads each token out at the first step whose exit CDF reaches
+    early_exit_threshold (readout_q)."""
+    n_head, d = c.get("num_attention_heads"), c.get("hidden_size")
+
+    def head_dim(v):
+        if not (isinstance(d, int) and isinstance(n_head, int) and v * n_head == d):
+            raise ReleaseError(f"with hidden_size = {d} and num_attention_heads = {n_head}: nanoloop's head dim is "
+                               f"n_embd / n_head")
+        return {}, "= hidden_size / num_attention_heads"
+
+    def full_attention(v):
+        if any(t != "full_attention" for t in v):
+            raise ReleaseError("sliding-window layers are not in nanoloop")
+        return {}, "every layer attends to the whole context"
+
+    def threshold(v):
+        if not 0 <= v <= 1:
+            raise ReleaseError("a probability in [0, 1]")
+        return {"readout_q": float(v)}, "each token reads out at the first step whose exit CDF reaches it"
+    number, null = (int, float), type(None)
+    optional_fields = {  # fields that a release's config.json may or may not hold
+        "layer_types": (list, full_attention),
+        "max_window_layers": (int, unused("sliding windows are off")),
+        "pad_token_id": ((int, null), unused("padding, for batched generation")),
+    }
+    settings, lines = map_fields(c, {
+        "vocab_size": (int, to("vocab_size")),
+        "hidden_size": (int, to("n_embd")),
+        "intermediate_size": (int, lambda v: ({"mlp": "swiglu", "mlp_hidden": v}, "SwiGLU: down(silu(gate) * up)")),
+        "num_hidden_layers": (int, lambda v: ({"n_core": v}, "every layer is in the loop")),
+        "num_attention_heads": (int, to("n_head")),
+        "num_key_value_heads": (int, to("n_kv_head")),
+        "head_dim": (int, head_dim),
+        "hidden_act": (str, only("silu", {}, "", "SwiGLU with another activation is not in nanoloop")),
+        "max_position_embeddings": (int, to("block_size")),
+        "rms_norm_eps": (number, to("norm_eps")),
+        "rope_theta": (number, lambda v: ({"rope_base": float(v)}, "rotate-half, as nanoloop")),
+        "rope_scaling": (null, unused("null: positions are not rescaled")),
+        "tie_word_embeddings": (bool, only(False, {"tie_head": False}, "lm_head.weight is a head of its own",
+                                           "a tied Ouro head is not a release nanoloop knows")),
+        "total_ut_steps": (int, lambda v: ({"mean_recurrence": v, "backprop_depth": v}, "its depth: every step, "
+                                           "each with gradient, as it trains")),
+        "early_exit_threshold": (number, threshold),
+        "use_sliding_window": (bool, only(False, {}, "", "sliding-window attention is not in nanoloop")),
+        "sliding_window": ((int, null), unused("use_sliding_window is false")),
+        "attention_dropout": (number, only(0.0, {}, "no dropout", "attention dropout is not in nanoloop")),
+        "bos_token_id": (int, unused("the tokenizer's <|endoftext|>; nothing starts with it")),
+        "eos_token_id": (int, unused("the tokenizer's <|endoftext|> (chat: <|im_end|>)")),
+        "initializer_range": (number, unused("initialisation only")),
+        "use_cache": (bool, unused("a generation default")),
+        **{k: rule for k, rule in optional_fields.items() if k in c},
+    })
+    settings.update(injection="none", n_prelude=0, n_coda=0, prelude_norm=False, loop_norm=True, exit_gate=True,
+                    depth_sampling="fixed", sandwich_norm=True, qk_norm="none", final_norm=False)
+    lines += [("(modeling_ouro.py: the loop is every layer, the state starts at the embedding)",
+               "injection='none', n_prelude=0, n_coda=0, prelude_norm=False, depth_sampling='fixed'"),
+              ("(model.norm after every step, the next step's input, the head's and the gate's)",
+               "loop_norm=True, final_norm=False (a second RMSNorm with gains would change the logits)"),
+              ("(input_layernorm_2, post_attention_layernorm_2 on each branch's output)", "sandwich_norm=True"),
+              ("(no q_norm or k_norm in its attention)", "qk_norm='none'"),
+              ("(model.early_exit_gate: lambda_t = sigmoid(w . h_t + b))", "exit_gate=True")]
+    plan = {"model.embed_tokens.weight": ["wte.weight"], "model.norm.weight": ["ln_loop.weight"],
+            "model.early_exit_gate.weight": ["exit_gate.weight"], "model.early_exit_gate.bias": ["exit_gate.bias"],
+            "lm_head.weight": ["lm_head.weight"]}
+    for i in range(settings["n_core"]):
+        src, dst = f"model.layers.{i}.", f"core.{i}."
+        plan.update({f"{src}self_attn.{p}_proj.weight": [f"{dst}attn.{p}.weight"] for p in "qkvo"})
+        plan.update({f"{src}mlp.{p}_proj.weight": [f"{dst}mlp.{p}.weight"] for p in ("gate", "up", "down")})
+        plan.update({f"{src}input_layernorm.weight": [f"{dst}ln_1.weight"],
+                     f"{src}input_layernorm_2.weight": [f"{dst}post_ln_1.weight"],
+                     f"{src}post_attention_layernorm.weight": [f"{dst}ln_2.weight"],
+                     f"{src}post_attention_layernorm_2.weight": [f"{dst}post_ln_2.weight"]})
+    # SmolLM2's byte-level BPE; the base models' documents start with nothing (no BOS in its evaluation)
+    tokenizer = {"repo": None, "vocab": c["vocab_size"], "bos": "<|endoftext|>", "eos": "<|endoftext|>", "bos_in": ()}
+    return dict(settings=settings, lines=lines, plan=plan, drops={}, transforms={}, tokenizer=tokenizer)
+
+
+FAMILIES = {"LoopLM": looplm, "Parcae": parcae, "Ouro": ouro}
+WEIGHTS = {"LoopLM": "model.safetensors", "Parcae": "pytorch_model.bin", "Ouro": "model.safetensors"}  # weights files
 
 
 def family_of(c, where):
@@ -531,9 +611,7 @@ def family_of(c, where):
         raise ReleaseError(f"{where}: not a JSON object")
     fam = family(c)
     if fam is None:
-        raise ReleaseError(f"{where}: not the config of a family nanoloop loads (LoopLM, Parcae; Ouro planned)")
-    if fam not in FAMILIES:
-        raise ReleaseError(f"{where}: the config of a {fam} release; nanoloop cannot load {fam} yet: {PLANNED[fam]}")
+        raise ReleaseError(f"{where}: not the config of a family nanoloop loads ({', '.join(FAMILIES)})")
     return fam
 
 
@@ -595,7 +673,8 @@ def check_file(reader, m, shapes, where):
             raise ReleaseError(f"{where}: tensor {k!r} has shape {list(shape)}; the config implies {list(expect[k])}")
         if dtype not in DTYPES.values():
             raise ReleaseError(f"{where}: tensor {k!r} is {dtype}, not a float tensor")
-    first = next(iter(have.values()))[1]
+    kinds = [dtype for _, dtype in have.values()]
+    first = max(set(kinds), key=kinds.count)  # the odd one out is the one named
     odd = next((k for k, (_, dtype) in have.items() if dtype != first), None)
     if odd is not None:
         raise ReleaseError(f"{where}: tensor {odd!r} is {have[odd][1]} where the others are {first}: one release, "
@@ -678,12 +757,12 @@ def find_tokenizer(files, m, rows):
     if t == "gpt2":
         return t
     path = files.path("tokenizer.json", required=False)
-    if path is None:
+    if path is None and t["repo"]:
         path = Files(t["repo"]).path("tokenizer.json", required=False)
     if path is None:
-        raise ReleaseError(f"{files.where()}: no tokenizer.json beside the weights, and {t['repo']}'s is not in the "
-                           f"Hugging Face cache nor reachable: put the release's tokenizer.json in the folder with "
-                           f"its weights")
+        where = f", and {t['repo']}'s is not in the Hugging Face cache nor reachable" if t["repo"] else ""
+        raise ReleaseError(f"{files.where()}: no tokenizer.json beside the weights{where}: put the release's "
+                           f"tokenizer.json in the folder with its weights")
     with open(path, encoding="utf-8") as f:
         spec = {"tokenizer.json": f.read(), "bos": t["bos"], "eos": t["eos"], "bos_in": list(t["bos_in"])}
     n = make_tokenizer(spec, path).n_vocab
@@ -935,7 +1014,7 @@ def main(argv):
     if argv[0] == "--list":
         for name, repo in RELEASES.items():
             fam = next(f for f in ("LoopLM", "Parcae", "Ouro") if name.startswith(f.lower()))
-            print(f"  {name:<20} {repo:<30} {'loads' if fam in FAMILIES else 'not yet: ' + PLANNED[fam]}")
+            print(f"  {name:<20} {repo:<30} {fam}")
         return
     if len(argv) > 1:
         raise ReleaseError(f"one release at a time, got {' '.join(argv)}")
