@@ -8,6 +8,7 @@ No data files needed: the batches are random tokens.
     python bench.py config/parcae_135m.py --cpu_full=True  # the config's real shapes on CPU (slow)
     python bench.py --init_from=looplm-135m-naive          # a released model (pretrained.py): its load, then
                                                            # prefill and decode at its depth, cache on and off
+    python bench.py --init_from=ouro-1.4b --infer_loops=1,2,3,4 --exit_thresholds=0.5 --weights_dtype=bfloat16
 
 Takes the same config files and --key=value settings as train.py (its defaults are read from train.py),
 plus the bench settings below. The training step is the micro-batch step of train.py: forward with
@@ -45,6 +46,8 @@ inference = True          # also run the inference benchmark
 decode_tokens = 16        # tokens decoded one at a time after the prompt
 prompt_len = 0            # prefill length; 0 = min(block_size // 2, 64)
 infer_loops = ()          # loop depths for inference; () = 1, mu_rec, 2 mu_rec
+exit_thresholds = ()      # a gated model: also decode with Q-exit at each q, its exited tokens stopped or computed
+weights_dtype = "float32" # a release's parameters: "float32", or "bfloat16" (the Ouro file's own: views of it)
 matmul_peak = True        # measure peak FLOP/s with a large matmul; False = use peak_flops
 cpu_full = False          # on CPU keep the config's shapes instead of shrinking them
 # -----------------------------------------------------------------------------
@@ -178,32 +181,36 @@ def print_table(rows):
         print("  ".join(r[c].ljust(width[c]) for c in cols).rstrip())
 
 
-def bench_decode(model, loops, mode, prompt):
-    """Prefill seconds, decode seconds per token (greedy, batch 1) and the cache; mode "none" = no cache."""
+def bench_decode(model, loops, mode, prompt, exit=()):
+    """Prefill seconds, decode seconds per token (greedy, batch 1), the cache and the mean steps per decoded token;
+    mode "none" = no cache; exit = (q, exit_cache) for Q-exit."""
     cache = None if mode == "none" else model.new_cache(loops, mode)
-    context, idx, times = prompt, prompt, []
+    context, idx, times, steps = prompt, prompt, [], []
     for _ in range(1 + decode_tokens):
         t0 = clock()
         with torch.no_grad(), ctx:
             if cache is None:  # recompute the whole context for every new token
                 logits = model(context, num_loops=loops)[0][:, -1]
             else:
-                logits = model.forward_cached(idx, cache, loops)[0]
+                logits, used = model.forward_cached(idx, cache, loops, *(("gate", *exit) if exit else ()))
+                steps.append(used.float().mean().item())
         times.append(clock() - t0)
         idx = logits.argmax(-1, keepdim=True)
         context = torch.cat([context, idx], dim=1)
-    return times[0], sum(times[1:]) / decode_tokens, cache
+    return times[0], sum(times[1:]) / decode_tokens, cache, sum(steps[1:]) / decode_tokens if steps else loops
 
 
 def bench_inference(model, loops_list):
     model.eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, prompt_len), device=device)
     rows = []
+    exits = [(q, how) for q in exit_thresholds for how in ("copy", "compute")] if model.config.exit_gate else []
     for loops in loops_list:
-        for mode in ("full", "last", "none"):
-            bench_decode(model, loops, mode, prompt)  # untimed round: compilation, first-call costs
-            prefill, decode, cache = bench_decode(model, loops, mode, prompt)
-            rows.append({"num_loops": str(loops), "cache": mode, "prefill ms": f"{1000 * prefill:.1f}",
+        for mode, exit in [("full", ()), ("last", ()), ("none", ()), *(("full", e) for e in exits)]:
+            bench_decode(model, loops, mode, prompt, exit)  # untimed round: compilation, first-call costs
+            prefill, decode, cache, steps = bench_decode(model, loops, mode, prompt, exit)
+            rows.append({"num_loops": str(loops), "cache": mode, "exit": f"q={exit[0]:g}, {exit[1]}" if exit else "-",
+                         "steps/token": f"{steps:.2f}", "prefill ms": f"{1000 * prefill:.1f}",
                          "prefill tokens/s": f"{prompt_len / prefill:,.0f}",
                          "decode ms/token": f"{1000 * decode:.2f}", "tokens/s": f"{1 / decode:,.1f}",
                          "cache MiB": "-" if cache is None else f"{GPT.cache_nbytes(cache) / 2**20:.2f}"})
@@ -212,13 +219,13 @@ def bench_inference(model, loops_list):
 
 def bench_release(r):
     """A release's load (time, and peak memory against its file's size), then inference at its depth."""
-    model = r.model(device)
+    model = r.model(device, weights_dtype)
     if compile:
         model.compile_blocks()
     rss0 = rss_before * (1 if sys.platform == "darwin" else 1024)
     dt, size = clock() - load_start, os.path.getsize(r.files.weights)
     print(f"{init_from}: {r.family}, {model.get_num_params() / 1e6:.2f}M parameters, {r.files.weights} "
-          f"{size / 2**20:,.1f} MiB ({r.dtype}), loaded as float32 on {device} in {dt:.2f} s"
+          f"{size / 2**20:,.1f} MiB ({r.dtype}), loaded as {weights_dtype} on {device} in {dt:.2f} s"
           + (" (memory-mapped: pages are read as they are first used)" if not cuda else ""))
 
     def rss(when):  # the whole process's peak; the weights' pages count once they are touched
@@ -235,7 +242,10 @@ def bench_release(r):
 
 
 if release:
-    bench_release(release)
+    try:
+        bench_release(release)
+    except pretrained.ReleaseError as e:
+        raise SystemExit(f"bench.py: {e}")
     raise SystemExit(0)
 try:
     GPTConfig(**model_args)

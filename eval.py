@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import decode
 import numpy as np
 import pretrained
 from configurator import check_device, configure, load_checkpoint, model_from_checkpoint, run_record
@@ -140,11 +141,11 @@ def task_rows(task, items, tok):
 
 
 @torch.no_grad()
-def score_rows(model, rows, num_loops, batch_size, device="cpu", ctx=nullcontext(), owner=None, bar=None):
+def score_rows(model, rows, num_loops, batch_size, device="cpu", ctx=nullcontext(), owner=None, bar=None, exit=None):
     """For each row (context, continuation): (summed loss of the continuation's tokens in nats, their
     number, whether each was the argmax of its logits). batch_size rows of similar length share a
     forward. Rows longer than block_size + 1 lose context from the left, never continuation tokens
-    unless the continuation alone is longer than block_size."""
+    unless the continuation alone is longer than block_size. exit (a gated model): add_exit's sums, into it."""
     block = model.config.block_size
     seqs = [((c + t)[-(block + 1):], min(len(t), block)) for c, t in rows]
     # longest first: similar lengths share a batch (little padding), and an out-of-memory shows at once
@@ -165,7 +166,8 @@ def score_rows(model, rows, num_loops, batch_size, device="cpu", ctx=nullcontext
             y[r, len(s) - 1 - n:len(s) - 1] = torch.tensor(s[-n:])
         x, y = x.to(device), y.to(device)
         with ctx:
-            logits, _ = model(x, y, num_loops=num_loops)
+            logits, _ = model(x, y, num_loops=num_loops, every_step=exit is not None)
+        add_exit(model, exit, y >= 0)
         logits = logits.float()
         nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-1, reduction="none").view_as(y)
         scored = y >= 0
@@ -218,10 +220,19 @@ def val_documents(data_dir, n, tok, block):
     return rows
 
 
+def add_exit(model, exit, valid):
+    """A gated model's Q-exit sums after a forward with every_step=True: exit["sums"] += CE at each valid token's
+    Q-exit step and that step, for each q in exit["qs"] (decode.q_exit_sums)."""
+    if exit is not None:
+        exit["sums"] = exit.get("sums", 0) + decode.q_exit_sums(*model.last_exit, valid, exit["qs"]).cpu()
+
+
 @torch.no_grad()
-def score_val(model, tokens, num_loops, rows_per_batch, token_bytes, device="cpu", ctx=nullcontext(), bar=None):
+def score_val(model, tokens, num_loops, rows_per_batch, token_bytes, device="cpu", ctx=nullcontext(), bar=None,
+              exit=None):
     """Loss in nats per token and bits per byte of tokens (n + 1 of them: n targets) in rows of block_size;
-    targets with no bytes (specials, padding) count in the loss but not in bpb, as in train.py."""
+    targets with no bytes (specials, padding) count in the loss but not in bpb, as in train.py. exit: see
+    score_rows."""
     block = model.config.block_size
     n_rows = (len(tokens) - 1) // block
     nats = nats_with_bytes = nbytes = count = 0.0
@@ -230,7 +241,8 @@ def score_val(model, tokens, num_loops, rows_per_batch, token_bytes, device="cpu
         buf = tokens[start * block:(start + r) * block + 1].to(device)
         x, y = buf[:-1].view(r, block), buf[1:].view(r, block)
         with ctx:
-            logits, _ = model(x, y, num_loops=num_loops)
+            logits, _ = model(x, y, num_loops=num_loops, every_step=exit is not None)
+        add_exit(model, exit, torch.ones_like(y, dtype=torch.bool))
         nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").double()
         b = token_bytes[y.flatten()]
         nats, count = nats + nll.sum().item(), count + nll.numel()
@@ -266,11 +278,11 @@ def table(results, loops):
     def cell(value, digits):
         text = f"{value:.{digits}f}"
         return f" {text if len(text) <= 10 else f'{value:.3e}':>10}"  # a huge ppl (an untrained model) keeps the width
-    lines = [f"{'task':<10} {'metric':<9} {'items':>8}" + "".join(f" {f'T={T}':>10}" for T in loops)]
+    lines = [f"{'task':<10} {'metric':<10} {'items':>8}" + "".join(f" {f'T={T}':>10}" for T in loops)]
     for task, r in results.items():
         for metric, by_depth in r["metrics"].items():
             digits = 2 if metric == "ppl" else 4
-            lines.append(f"{task:<10} {metric:<9} {r['items']:>8}" + "".join(cell(by_depth[T], digits) for T in loops))
+            lines.append(f"{task:<10} {metric:<10} {r['items']:>8}" + "".join(cell(by_depth[T], digits) for T in loops))
     return lines
 
 # -----------------------------------------------------------------------------
@@ -290,6 +302,8 @@ device = "auto"                  # "auto" (cuda if available, else cpu), "cpu", 
 dtype = "auto"                   # "auto" (bfloat16 autocast on cuda, float32 elsewhere), "float32", "bfloat16", "float16"
 eval_state = ""                  # initial loop state h0: "" = the model's own eval_state ("zero" unless trained otherwise),
                                  # "zero", or "random" (drawn at every forward, as the releases do in their own evaluation)
+exit_thresholds = (0.5, 0.9)     # a gated model's val (Ouro): the loss at each token's Q-exit step for each q, and its
+                                 # mean step, beside each depth (every step is run and read out)
 # -----------------------------------------------------------------------------
 
 
@@ -305,6 +319,8 @@ def main(argv):
                      "batch_size, val_batch_size and val_tokens must be >= 1"),
                     (all(type(T) is int and T >= 1 for T in eval_loops),
                      f"eval_loops must be integers >= 1, got {eval_loops!r}"),
+                    (all(isinstance(q, (int, float)) and 0 <= q <= 1 for q in exit_thresholds),
+                     f"exit_thresholds must be probabilities in [0, 1], got {exit_thresholds!r}"),
                     (eval_state in ("", "zero", "random"), f"eval_state must be '', 'zero' or 'random', got {eval_state!r}")):
         if not ok:
             raise ValueError(why)
@@ -362,6 +378,7 @@ def main(argv):
     results = {}
     for task, items in data.items():
         if task == "val":
+            qs = exit_thresholds if model.config.exit_gate else ()  # a gated model: its Q-exit beside each depth
             token_bytes = torch.as_tensor(tok.token_bytes(model.config.vocab_size), device=dev)
             if isinstance(items, list):  # documents, a row each: the summed loss of each, over all bytes
                 n = sum(len(cont) for _, cont in items)
@@ -370,14 +387,18 @@ def main(argv):
                 n = (len(items) - 1) // model.config.block_size * model.config.block_size
             results[task] = {"items": n, "metrics": {"loss": {}, "bpb": {}}}  # items: the tokens scored
             for T in loops:
+                exit = {"qs": qs} if qs else None
                 with tqdm(total=n, desc=f"val T={T}", unit="tok", unit_scale=True) as bar:
                     if isinstance(items, list):
-                        nats = sum(s[0] for s in score_rows(model, items, T, val_batch_size, dev, ctx))
+                        nats = sum(s[0] for s in score_rows(model, items, T, val_batch_size, dev, ctx, exit=exit))
                         loss, bpb = nats / n, nats / (math.log(2) * nbytes)
                         bar.update(n)
                     else:
-                        loss, bpb = score_val(model, items, T, val_batch_size, token_bytes, dev, ctx, bar)
+                        loss, bpb = score_val(model, items, T, val_batch_size, token_bytes, dev, ctx, bar, exit)
                 results[task]["metrics"]["loss"][T], results[task]["metrics"]["bpb"][T] = loss, bpb
+                for i, q in enumerate(qs):  # CE at each token's Q-exit step, and the mean of that step
+                    results[task]["metrics"].setdefault(f"loss@q{q:g}", {})[T] = exit["sums"][2 * i].item() / n
+                    results[task]["metrics"].setdefault(f"steps@q{q:g}", {})[T] = exit["sums"][2 * i + 1].item() / n
             continue
         rows, owner = task_rows(task, items, tok)
         pretrained.check_ids([t for c, e in rows for t in c + e], model, f"the {task} items")

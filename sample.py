@@ -8,10 +8,18 @@ Sample from a trained looped transformer (out_dir/ckpt.pt, written by train.py) 
     python sample.py --out_dir=out/tiny --cache=last                       # a smaller KV cache
     python sample.py --out_dir=out/tiny --exit_criterion=kl --exit_threshold=5e-4   # adaptive depth
     python sample.py --out_dir=out/ouro_tiny --exit_criterion=gate --exit_threshold=0.5   # Ouro's Q-exit
+    python sample.py --init_from=ouro-1.4b --exit_criterion=gate --exit_threshold=0.5
+    python sample.py --init_from=ouro-1.4b-thinking --chat=True --start="Why is the sky blue?"
 
 num_loops is the test-time depth: how many times the shared core runs per token (0 = the
 depth the model was trained at, its mean_recurrence). With an exit criterion each generated
-token may leave the loop earlier; prompt tokens always run num_loops steps. After each sample
+token may leave the loop earlier; prompt tokens always run num_loops steps. An exited token stops
+(exit_cache=copy, the default for nanoloop's models: later tokens read its last step's K/V where
+they would read a deeper one, the saving the Ouro paper measures) or runs its remaining steps for
+the cache alone (compute, the default for an Ouro release: what its code does, token for token). An Ouro release reads each token out at its Q-exit
+step for the release's q (early_exit_threshold, 1.0) even without an exit criterion, as its code
+does. chat=True wraps the prompt as one user turn in ChatML, as the Ouro Thinking variants' chat
+template does, and prints the reply up to <|im_end|>. After each sample
 a line reports the depth, the mean loop steps per generated token and the KV cache size (with
 --compile=True, the graphs compiled so far: flat after the first sample, or something recompiles).
 
@@ -51,8 +59,13 @@ num_loops = 0                    # test-time loop depth; 0 = the checkpoint's me
 use_cache = True                 # KV cache; False recomputes the whole context for every token
 cache = "full"                   # "full": K/V of every loop step; "last": only each past token's last step
 exit_criterion = "none"          # "none", "kl" (KL between consecutive steps' predictions), "latent" (state change), "gate" (Ouro)
-exit_threshold = 5e-4            # leave once kl or latent is below this (RDM: 5e-4 for kl; ~0.03 for latent), or once the
-                                 # exit gate's CDF 1 - S_t reaches it (gate: q in [0, 1]; 0 = after one step)
+exit_threshold = -1.0            # leave once kl or latent is below this (RDM: 5e-4 for kl; ~0.03 for latent), or once the
+                                 # exit gate's CDF reaches it (gate: q in [0, 1]; 0 = after one step); -1: 5e-4, or for
+                                 # gate the release's q (readout_q) else 0.5
+exit_cache = ""                  # an exited token: "copy" stops it (its later steps' K/V reuse its last), "compute" runs
+                                 # its remaining steps for the cache (Ouro's released code; exact, saves nothing);
+                                 # "" = compute for a release with its own readout rule (Ouro), else copy
+chat = False                     # wrap the prompt as one ChatML user turn (<|im_start|>user ... <|im_end|>, Ouro Thinking)
 compile = False                  # torch.compile each block (first tokens are slow while it compiles)
 eval_state = ""                  # initial loop state h0: "" = the model's own eval_state ("zero" unless trained otherwise),
                                  # "zero", or "random" (drawn at every forward, as the releases do in their own evaluation)
@@ -69,8 +82,9 @@ for ok, why in ((num_samples >= 1, f"num_samples must be >= 1, got {num_samples}
                 (cache in ("full", "last"), f"cache must be 'full' or 'last', got {cache!r}"),
                 (exit_criterion in ("none", "kl", "latent", "gate"),
                  f"exit_criterion must be 'none', 'kl', 'latent' or 'gate', got {exit_criterion!r}"),
-                (exit_criterion != "gate" or 0 <= exit_threshold <= 1,
+                (exit_criterion != "gate" or 0 <= exit_threshold <= 1 or exit_threshold == -1,
                  f"exit_threshold is a probability q in [0, 1] for exit_criterion=gate, got {exit_threshold}"),
+                (exit_cache in ("", "copy", "compute"), f"exit_cache must be 'copy' or 'compute', got {exit_cache!r}"),
                 (exit_criterion == "none" or use_cache, "an exit criterion needs use_cache=True"),
                 (eval_state in ("", "zero", "random"), f"eval_state must be '', 'zero' or 'random', got {eval_state!r}")):
     if not ok:
@@ -105,6 +119,9 @@ if compile:
     model.compile_blocks()
 block_size = model.config.block_size
 depth = num_loops or model.config.mean_recurrence
+if exit_threshold == -1:
+    exit_threshold = 5e-4 if exit_criterion != "gate" else model.config.readout_q if model.config.readout_q >= 0 else 0.5
+exit_cache = exit_cache or ("compute" if model.config.readout_q >= 0 else "copy")
 
 # the prompt
 if start.startswith("FILE:"):
@@ -113,6 +130,11 @@ if start.startswith("FILE:"):
             start = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise SystemExit(f"error: cannot read the prompt file: {e}") from None
+if chat:
+    if not {"<|im_start|>", "<|im_end|>"} <= tok.special.keys():
+        raise SystemExit(f"error: chat=True wraps the prompt in ChatML; {source}'s tokenizer has no <|im_start|> and "
+                         f"<|im_end|> tokens")
+    start = f"<|im_start|>user\n{start}<|im_end|>\n<|im_start|>assistant\n"  # the template's one user turn
 ids = ([tok.bos] if "sample" in tok.bos_in else []) + tok.encode(start, specials=True) or [tok.bos]
 try:
     pretrained.check_ids(ids, model)
@@ -130,8 +152,13 @@ for _ in range(num_samples):
         y, stats = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
                                   num_loops=depth, use_cache=use_cache, cache=cache,
                                   exit_criterion=exit_criterion, exit_threshold=exit_threshold,
-                                  return_stats=True)
-    print(tok.decode(y[0].tolist()))
+                                  exit_cache=exit_cache, return_stats=True)
+    out = y[0].tolist()
+    if chat:  # the reply, up to the end of its turn
+        reply = out[len(ids):]
+        end = tok.special["<|im_end|>"]
+        out = out[:len(ids)] + (reply[:reply.index(end) + 1] if end in reply else reply)
+    print(tok.decode(out))
     kv = (f"kv cache {stats['cache_bytes']:,} bytes ({stats['cache_bytes'] / 2**20:.2f} MiB, {cache})"
           if use_cache else "kv cache off")
     graphs = f", {model.compiled_graphs()} graphs compiled" if compile else ""

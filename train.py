@@ -46,9 +46,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import (check_device, configure, datasheet_peak, fit_saturating_exp, load_checkpoint,
                           model_from_checkpoint, run_record)
+import decode
 import pretrained
 import tasks
-from model import GPT, GPTConfig, exit_summary, survival
+from model import GPT, GPTConfig, exit_summary
 from prepare_fineweb import open_shard, read_batch
 
 # -----------------------------------------------------------------------------
@@ -93,7 +94,12 @@ rope_base = 10000.0              # rotary embedding base
 mlp = "relu2"                    # "relu2" | "swiglu" (LoopLM's)
 mlp_hidden = 0                   # MLP hidden size; 0 = 4 * n_embd (relu2 only)
 norm_eps = 1e-5                  # eps of every RMSNorm with a gain (LoopLM: 1e-6)
-qk_norm = "plain"                # QK-norm: "plain" (no parameters, Parcae) or "gain" (learnable per-head-dim gains, LoopLM)
+qk_norm = "plain"                # QK-norm: "plain" (no parameters, Parcae), "gain" (learnable gains, LoopLM) or "none" (Ouro)
+sandwich_norm = False            # Ouro: each branch's output normed too before the residual add
+tie_head = True                  # the output head is the embedding's transpose; False: its own (Ouro)
+final_norm = True                # RMSNorm before the head; False: read straight off loop_norm (Ouro's release)
+readout_q = -1.0                 # a gated model's eval readout: each token at its Q-exit step for this q (Ouro: 1.0); -1: off
+attn_impl = "sdpa"               # "sdpa" (fused kernels) or "eager" (transformers' order, bit for bit)
 value_embeds = False             # Parcae's value embeddings: a token table added to the values of every other layer
 loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
 loop_norm = False                # RMSNorm after every loop step (Ouro)
@@ -437,14 +443,11 @@ token_bytes = None if task else torch.from_numpy(pretrained.make_tokenizer(token
 
 def q_exit_sums(ce, z, valid):
     """Sums over the valid tokens of one batch, every T_max step run: for each q in exit_thresholds, the CE at
-    the token's Q-exit step m (the first with 1 - S_m >= q, else T_max) and m; then H(p), E[t], the tokens."""
-    S, sums = survival(torch.sigmoid(z)), []
-    for q in exit_thresholds:
-        hit = torch.cat([1 - S[:-1] >= q, torch.ones_like(valid)[None]])  # a token still in at T_max leaves there
-        m = hit.int().argmax(0)  # the first step that reaches q
-        sums += [ce.gather(0, m[None])[0][valid].sum(), (m + 1)[valid].sum()]
+    the token's Q-exit step (decode.exit_step: the first whose exit CDF reaches q, else T_max) and that step;
+    then H(p), E[t], the tokens."""
     count = valid.sum()
-    return torch.stack([*sums, *(exit_summary(ce, z, valid)[-2:] * count), count]).double()
+    return torch.cat([decode.q_exit_sums(ce, z, valid, exit_thresholds),
+                      (torch.stack([*(exit_summary(ce, z, valid)[-2:] * count), count])).double()])
 
 
 @torch.no_grad()
