@@ -86,7 +86,7 @@ def _coerce(key, value, default):
         return value
     if type(default) is float and type(value) is int:
         return float(value)
-    if type(default) is tuple and type(value) in (int, list):  # --eval_loops=4 or a list in a file
+    if type(default) is tuple and type(value) in (int, float, list):  # --eval_loops=4, --exit_thresholds=0.5, a list
         return tuple(value) if isinstance(value, list) else (value,)
     raise ValueError(f"config key {key!r} expects {type(default).__name__} (default {default!r}), "
                      f"got {type(value).__name__} {value!r}")

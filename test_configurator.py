@@ -22,6 +22,9 @@ def test_other_types_are_still_parsed():
     configure(s, ["--max_iters=100", "--muon_lr=1", "--eval_loops=1,2", "--compile=True"])
     assert (s["max_iters"], s["muon_lr"], s["eval_loops"], s["compile"]) == (100, 1.0, (1, 2), True)
     assert type(s["muon_lr"]) is float
+    one = settings(exit_thresholds=())
+    configure(one, ["--eval_loops=4", "--exit_thresholds=0.5"])  # one value is a tuple of one
+    assert (one["eval_loops"], one["exit_thresholds"]) == ((4,), (0.5,))
     with pytest.raises(ValueError, match="'max_iters' expects int"):
         configure(settings(), ["--max_iters=abc"])
 
