@@ -194,6 +194,23 @@ class SafetensorsFile:
     def get(self, key):
         return self.f.get_tensor(key)  # a view of the memory-mapped file: nothing is read until it is used
 
+    def copy(self, key):
+        """One tensor read into memory of its own with plain reads, not through the mapping: a load that casts
+        (Ouro's bf16 file to fp32) then peaks at its result plus one tensor, not plus the whole file's pages."""
+        import torch
+        with open(self.path, "rb") as f:
+            if not hasattr(self, "offsets"):  # the format: the header's length, the JSON header, the data
+                n = int.from_bytes(f.read(8), "little")
+                self.offsets = {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+                                for k, v in json.loads(f.read(n)).items() if k != "__metadata__"}
+            begin, end = self.offsets[key]
+            f.seek(begin)
+            buf = bytearray(end - begin)
+            if f.readinto(buf) != len(buf):
+                raise ReleaseError(f"{self.path}: tensor {key!r} is cut short: download the file again")
+        shape, dtype = self.meta[key]
+        return torch.frombuffer(buf, dtype=getattr(torch, dtype)).view(shape) if buf else self.get(key)
+
     def again(self):
         return SafetensorsFile(self.path)  # the same file, mapped once more
 
@@ -216,6 +233,8 @@ class TorchFile:
     def get(self, key):
         return self.tensors[key]
 
+    copy = get  # read through a mapping of its own (again()), unmapped after the load
+
     def again(self):
         return TorchFile(self.path)
 
@@ -230,6 +249,8 @@ class Inventory:
         import torch
         shape, dtype = self.meta[key]
         return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+
+    copy = get
 
     def again(self):
         return self
@@ -705,7 +726,7 @@ def convert(reader, m, shapes, dtype, where):
     state, copies = {}, check  # what is cast or transformed is read through the second mapping too: it is copied
     for key, params in m["plan"].items():
         copied = getattr(torch, reader.meta[key][1]) != dtype or all(p in m["transforms"] for p in params)
-        t, row = (copies if copied else reader).get(key), 0
+        t, row = copies.copy(key) if copied else reader.get(key), 0
         for p in params:
             piece = t[row:row + shapes[p][0]]
             row += shapes[p][0]
