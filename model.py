@@ -533,78 +533,86 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
 
-    def compile_blocks(self):
-        """torch.compile block by block, so a new loop depth reuses the same graphs. With symbolic sizes one graph
-        serves every block, batch size (the core's batch shrinks as rows finish their loops) and length. What
-        still makes a new graph is a short list (test_compile.py counts them): gradient on or off, a batch or
-        length of 1 (specialised), a KV cache empty or filled, storing or not. All are Block.forward's,
-        and dynamo's default of 8 graphs per function would send the rest to eager, silently but for a warning."""
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        for block in (*self.prelude, *self.core, *self.coda):
-            block.compile(dynamic=True)
 
-    @staticmethod
-    def compiled_graphs():
-        """Graphs torch.compile has made in this process so far: flat once every variant above has run."""
-        return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+# -----------------------------------------------------------------------------
+# What is not the model's forward, as functions of it: compiling, cost, optimizers, stability, cached
+# generation. Each is also a method (model.estimate_flops(...)), bound after the class.
 
-    # --- cost and optimizers ----------------------------------------------------------------
-    def estimate_flops(self, seq_len, n, k, backward=True):
-        """Matmul FLOPs of one forward (+ backward) where sequence i runs n[i] loop steps without and
-        k[i] with gradient (backward costs 2x forward). Attention counts the full L^2 (the usual
-        convention, and what FlopCounterMode counts for SDPA's math and CUDA kernels). The forward runs
-        exactly these steps (_loop); B copies of the maxima give what padded execution would cost.
-        seq_len is L, the tokens per row. A gated model (Ouro) reads out every step: coda and head T times."""
-        cfg, d = self.config, self.config.n_embd
-        kv_dim = cfg.n_kv_head * (d // cfg.n_head)
-        ve = lambda blocks: 2 * VE_GATE_CHANNELS * cfg.n_kv_head * sum(b.attn.ve is not None for b in blocks)  # gates
-        mlp = (3 if cfg.mlp == "swiglu" else 2) * d * (cfg.mlp_hidden or 4 * d)  # gate, up, down
-        block = 2 * (2 * d * d + 2 * d * kv_dim + mlp) + 4 * seq_len * d  # per token: q,o + k,v + MLP + attention
-        inject = {"none": 0, "add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B, every step
-        C = 2 * d * d if cfg.injection == "diagonal" else 0  # output projection, once
-        read = cfg.n_coda * block + ve(self.coda) + 2 * d * cfg.vocab_size + C + (2 * d if cfg.exit_gate else 0)
-        once = cfg.n_prelude * block + ve(self.prelude) + (0 if cfg.exit_gate else read)
-        f = 3 if backward else 1
-        n, k = torch.as_tensor(n), torch.as_tensor(k)
-        step = cfg.n_core * block + ve(self.core) + inject + (read if cfg.exit_gate else 0)
-        return seq_len * (len(n) * f * once + step * (int(n.sum()) + f * int(k.sum())))
 
-    def configure_optimizers(self, muon_lr, adam_lr, weight_decay, adam_betas, adam_eps):
-        """Muon for the matrices inside blocks; AdamW, without weight decay, for the embeddings (the value tables too),
-        norm gains and every injection parameter (Parcae's recipe)."""
-        blocks = [*self.prelude, *self.core, *self.coda]
-        matrices = [p for b in blocks for n, p in b.named_parameters() if p.dim() == 2 and not n.endswith("ve.weight")]
-        ids = {id(p) for p in matrices}
-        rest = [p for p in self.parameters() if id(p) not in ids]
-        muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True)
-        adamw = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=0.0)
-        return muon, adamw
+def compile_blocks(model):
+    """torch.compile block by block, so a new loop depth reuses the same graphs. With symbolic sizes one graph
+    serves every block, batch size (the core's batch shrinks as rows finish their loops) and length. What
+    still makes a new graph is a short list (test_compile.py counts them): gradient on or off, a batch or
+    length of 1 (specialised), a KV cache empty or filled, storing or not. All are Block.forward's,
+    and dynamo's default of 8 graphs per function would send the rest to eager, silently but for a warning."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in (*model.prelude, *model.core, *model.coda):
+        block.compile(dynamic=True)
 
-    # --- stability diagnostics (README "Stability") ---------------------------------------
-    @torch.no_grad()
-    def loop_stats(self):
-        """Spectral radius rho of the loop's linear part A-bar, and cheap companions; {} for the fixed-depth
-        baseline (mean_recurrence 1, depth_sampling "fixed"), which trains no loop."""
-        inj, d = self.config.injection, self.config.n_embd
-        if self.config.mean_recurrence == 1 and self.config.depth_sampling == "fixed":
-            return {}
-        if inj in ("add", "none"):
-            return {"rho": 1.0}  # A-bar = I: on the stability boundary
-        if inj == "concat":
-            Wh = self.W.weight[:, :d].float()  # the part acting on the state
-            return {"rho": torch.linalg.eigvals(Wh).abs().max().item(),
-                    "sigma_max": torch.linalg.matrix_norm(Wh, ord=2).item()}
-        decay = torch.exp(-F.softplus(self.dt_bias.float()) * self.A_log.float().exp())
-        return {"rho": decay.max().item(), "mean_decay": decay.mean().item()}
 
-    # --- generation with a KV cache: decode.py (README "Test-time compute") ----------------
-    def new_cache(self, num_loops, mode="full"):
-        return decode.new_cache(self, num_loops, mode)
+def compiled_graphs():
+    """Graphs torch.compile has made in this process so far: flat once every variant above has run."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
-    cache_nbytes = staticmethod(decode.cache_nbytes)
 
-    def forward_cached(self, idx, cache, num_loops, exit_criterion="none", exit_threshold=0.0, exit_cache="copy"):
-        return decode.forward_cached(self, idx, cache, num_loops, exit_criterion, exit_threshold, exit_cache)
+def estimate_flops(model, seq_len, n, k, backward=True):
+    """Matmul FLOPs of one forward (+ backward) where sequence i runs n[i] loop steps without and
+    k[i] with gradient (backward costs 2x forward). Attention counts the full L^2 (the usual
+    convention, and what FlopCounterMode counts for SDPA's math and CUDA kernels). The forward runs
+    exactly these steps (_loop); B copies of the maxima give what padded execution would cost.
+    seq_len is L, the tokens per row. A gated model (Ouro) reads out every step: coda and head T times."""
+    cfg, d = model.config, model.config.n_embd
+    kv_dim = cfg.n_kv_head * (d // cfg.n_head)
+    ve = lambda blocks: 2 * VE_GATE_CHANNELS * cfg.n_kv_head * sum(b.attn.ve is not None for b in blocks)  # gates
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * (cfg.mlp_hidden or 4 * d)  # gate, up, down
+    block = 2 * (2 * d * d + 2 * d * kv_dim + mlp) + 4 * seq_len * d  # per token: q,o + k,v + MLP + attention
+    inject = {"none": 0, "add": 0, "concat": 4 * d * d, "diagonal": 2 * d * d}[cfg.injection]  # W or B, every step
+    C = 2 * d * d if cfg.injection == "diagonal" else 0  # output projection, once
+    read = cfg.n_coda * block + ve(model.coda) + 2 * d * cfg.vocab_size + C + (2 * d if cfg.exit_gate else 0)
+    once = cfg.n_prelude * block + ve(model.prelude) + (0 if cfg.exit_gate else read)
+    f = 3 if backward else 1
+    n, k = torch.as_tensor(n), torch.as_tensor(k)
+    step = cfg.n_core * block + ve(model.core) + inject + (read if cfg.exit_gate else 0)
+    return seq_len * (len(n) * f * once + step * (int(n.sum()) + f * int(k.sum())))
 
-    def generate(self, idx, max_new_tokens, **kwargs):  # temperature, top_k, num_loops, cache, exit_criterion ...
-        return decode.generate(self, idx, max_new_tokens, **kwargs)
+
+def configure_optimizers(model, muon_lr, adam_lr, weight_decay, adam_betas, adam_eps, gate_only=False):
+    """Muon for the matrices inside blocks; AdamW, without weight decay, for the embeddings (the value tables too),
+    norm gains and every injection parameter (Parcae's recipe). gate_only: Ouro's Stage II, an AdamW over the exit
+    gate alone, every other weight frozen (bit-identical)."""
+    if gate_only:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("exit_gate."))
+        return (torch.optim.AdamW(model.exit_gate.parameters(), lr=adam_lr, betas=adam_betas, eps=adam_eps,
+                                  weight_decay=0.0),)
+    blocks = [*model.prelude, *model.core, *model.coda]
+    matrices = [p for b in blocks for n, p in b.named_parameters() if p.dim() == 2 and not n.endswith("ve.weight")]
+    ids = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    muon = torch.optim.Muon(matrices, lr=muon_lr, weight_decay=weight_decay, momentum=0.95, nesterov=True)
+    adamw = torch.optim.AdamW(rest, lr=adam_lr, betas=adam_betas, eps=adam_eps, weight_decay=0.0)
+    return muon, adamw
+
+
+@torch.no_grad()
+def loop_stats(model):
+    """Spectral radius rho of the loop's linear part A-bar, and cheap companions; {} for the fixed-depth
+    baseline (mean_recurrence 1, depth_sampling "fixed"), which trains no loop."""
+    inj, d = model.config.injection, model.config.n_embd
+    if model.config.mean_recurrence == 1 and model.config.depth_sampling == "fixed":
+        return {}
+    if inj in ("add", "none"):
+        return {"rho": 1.0}  # A-bar = I: on the stability boundary
+    if inj == "concat":
+        Wh = model.W.weight[:, :d].float()  # the part acting on the state
+        return {"rho": torch.linalg.eigvals(Wh).abs().max().item(),
+                "sigma_max": torch.linalg.matrix_norm(Wh, ord=2).item()}
+    decay = torch.exp(-F.softplus(model.dt_bias.float()) * model.A_log.float().exp())
+    return {"rho": decay.max().item(), "mean_decay": decay.mean().item()}
+
+
+GPT.compile_blocks, GPT.compiled_graphs = compile_blocks, staticmethod(compiled_graphs)
+GPT.estimate_flops, GPT.configure_optimizers, GPT.loop_stats = estimate_flops, configure_optimizers, loop_stats
+# generation with a KV cache: decode.py (README "Test-time compute")
+GPT.new_cache, GPT.cache_nbytes = decode.new_cache, staticmethod(decode.cache_nbytes)
+GPT.forward_cached, GPT.generate = decode.forward_cached, decode.generate  # generate(idx, max_new_tokens, temperature, ...)
