@@ -85,6 +85,14 @@ def cache_nbytes(cache):
     return sum(c.nbytes() for c in caches)
 
 
+def cache_estimate(model, num_loops, tokens, mode="full", batch=1):
+    """The bytes cache_nbytes will count once a cache of new_cache's layout holds `tokens` tokens (K and V of every
+    attention application, in the parameters' dtype): sample.py says it, and refuses past free memory, before a run."""
+    cfg, dtype_bytes = model.config, next(model.parameters()).element_size()
+    kv = 2 * batch * tokens * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * dtype_bytes  # K and V of one application
+    return kv * (len(model.prelude) + len(model.coda) + len(model.core) * (num_loops if mode == "full" else 1))
+
+
 def check_exit(model, exit_criterion):
     if exit_criterion not in EXIT_CRITERIA:
         raise ValueError(f"exit_criterion must be one of {', '.join(EXIT_CRITERIA)}, got {exit_criterion!r}")

@@ -170,3 +170,18 @@ def test_prompt_is_the_text_as_typed(out_dir, prompt):
 def test_a_positional_argument_points_at_out_dir(out_dir):
     check_error(sample(out_dir), f"error: sample.py takes no config file: point it at a run with --out_dir={out_dir}")
     check_error(sample("config/tiny.py"), "--out_dir=out/tiny (the out_dir config/tiny.py sets)")
+
+
+def test_a_depth_whose_cache_cannot_fit_is_refused_up_front(out_dir):
+    r = sample(f"--out_dir={out_dir}", PROMPT, "--num_loops=100000000", "--max_new_tokens=8", "--num_samples=1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "num_loops=100000000" in r.stderr and "GiB" in r.stderr and "free" in r.stderr, r.stderr
+
+
+def test_cache_estimate_is_what_the_cache_holds(out_dir):
+    import decode
+    model = GPT(CFG).eval()
+    for mode, T in (("full", 5), ("last", 5), ("full", 1)):
+        y, stats = model.generate(torch.zeros(1, 7, dtype=torch.long), 9, temperature=0, num_loops=T, cache=mode,
+                                  return_stats=True)
+        assert stats["cache_bytes"] == decode.cache_estimate(model, T, 7 + 9 - 1, mode)  # the last token is not cached
