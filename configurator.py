@@ -9,7 +9,8 @@ Every argument is either a Python config file (its assignments override the glob
 prompt "1984"); any other value is a Python literal (--max_iters=100, --eval_loops=1,2,4), or a bare
 word as a str. An unknown key or a value of the wrong type is an error that names the key.
 
-load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one.
+load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one;
+save_checkpoint(), restore_state() and trim_log() are train.py's side of the same files.
 """
 import ast
 import difflib
@@ -75,6 +76,18 @@ def exit_on_help(path, argv, also=()):
     raise SystemExit(0)
 
 
+# nanoGPT's names for what is called otherwise here: an unknown key that is one of these says where it went
+NANOGPT = {"learning_rate": ("muon_lr", "muon_lr (Muon, the block matrices) and adam_lr (AdamW, the rest)"),
+           "min_lr": ("min_lr_frac", "min_lr_frac, a fraction of each peak lr"),
+           "lr_decay_iters": ("decay_frac", "decay_frac: the decay takes the last fraction of max_iters"),
+           "decay_lr": ("decay_frac", "decay_frac (0 = no decay)"),
+           "beta1": ("adam_betas", "adam_betas=(beta1,beta2)"), "beta2": ("adam_betas", "adam_betas=(beta1,beta2)"),
+           "gradient_accumulation_steps": ("total_batch_size", "total_batch_size (tokens per step; the accumulation follows)"),
+           "n_layer": ("n_core", "n_prelude, n_core and n_coda (blocks before, in and after the loop)"),
+           "eval_iters": ("val_tokens", "val_tokens (a fixed prefix of the val shards)"),
+           "always_save_checkpoint": ("eval_interval", "eval_interval: every evaluation checkpoints")}
+
+
 def _coerce(key, value, default):
     if type(default) is bool and type(value) is not bool:  # 1 == True, but --compile=1 is a guess, not a bool
         raise ValueError(f"config key {key!r} must be True or False, got {value!r}")
@@ -122,8 +135,8 @@ def configure(settings, argv, config_files=True, given=None):
     """Override the keys of settings (a script's globals) from config files and --key=value args.
     Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings).
     config_files=False: a script that reads a run's checkpoint (its settings are in it) takes --key=value only.
-    given: a set that receives every key a config file or the command line set (a release's model settings
-    must not be contradicted, train.py)."""
+    given: a set (or a dict) that receives every key a config file or the command line set, and where ("command line" or the
+    file): a release's model settings must not be contradicted, and a resumed run names a file it overrides (train.py)."""
     # the settings: lower-case literals; not the modules, functions and CONSTANTS among the globals
     known = [k for k, v in settings.items() if not k.startswith("_") and not k.isupper()
              and isinstance(v, (int, float, bool, str, tuple, type(None)))]
@@ -132,10 +145,14 @@ def configure(settings, argv, config_files=True, given=None):
     def assign(key, value, where):
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
+            if key in NANOGPT and NANOGPT[key][0] in known:
+                raise ValueError(f"unknown config key {key!r} ({where}): nanoGPT's {key} is {NANOGPT[key][1]} here")
             raise ValueError(f"unknown config key {key!r} ({where}): " +
                              (f"did you mean {close[0]}?" if close else f"python {script} --help lists every setting"))
         settings[key] = _coerce(key, value, settings[key])
-        if given is not None:
+        if isinstance(given, dict):
+            given[key] = where
+        elif given is not None:
             given.add(key)
 
     on_command_line = set()
@@ -259,6 +276,95 @@ def load_checkpoint(path, need=(), text=False):
     return ckpt
 
 
+def check_stages(exit_gate, exit_beta, train_gate, mean_recurrence, backprop_depth, init_from, exit_thresholds):
+    """What is wrong with a training run's settings for Ouro's two stages (README "Ouro"), or None."""
+    return next((why for bad, why in (
+        (exit_beta < 0, f"exit_beta must be >= 0, got {exit_beta}"),
+        (exit_beta > 0 and not exit_gate, "exit_beta > 0 (Stage I) trains an exit gate: set exit_gate=True"),
+        (exit_beta > 0 and mean_recurrence < 2, "Stage I (exit_beta > 0) learns when to stop among T_max = "
+         "mean_recurrence >= 2 steps; at 1 there is nothing to learn"),
+        (exit_beta > 0 and backprop_depth < mean_recurrence,
+         f"Stage I (exit_beta > 0) backpropagates through every step: set backprop_depth >= mean_recurrence "
+         f"= {mean_recurrence}, got {backprop_depth}"),
+        (exit_gate and exit_beta == 0 and not train_gate,
+         "exit_gate=True: train the gate with Stage I (exit_beta > 0, e.g. 0.1) or, from a Stage I checkpoint, "
+         "Stage II (--train_gate=True); otherwise it stays at its init"),
+        (train_gate and init_from != "resume", "train_gate=True (Stage II) continues a Stage I run: add "
+         "--init_from=resume and --out_dir of that run"),
+        (not all(type(q) in (int, float) and 0 <= q <= 1 for q in exit_thresholds),
+         f"exit_thresholds must be values q in [0, 1], got {exit_thresholds!r}")) if bad), None)
+
+
+def resume_settings(ckpt, settings, given):
+    """train.py resuming or evaluating a checkpoint: the run's own settings (data_dir, batch sizes ...) outrank a
+    config file's, the command line's outrank both. Returns those to use, those that differ from the config's, and
+    {config file: [its keys the checkpoint's outrank]}, for the log to say so."""
+    cli = {k for k, where in given.items() if where == "command line"}
+    saved = {k: v for k, v in ckpt.get("config", {}).items() if k in settings and k not in cli and k not in
+             ("init_from", "eval_only", "overwrite", "out_dir", "wandb_log", "wandb_project", "wandb_run_name")}
+    from_ckpt, from_file = {k: v for k, v in saved.items() if v != settings[k]}, {}
+    for k in (k for k in from_ckpt if k in given):
+        from_file.setdefault(given[k], []).append(k)
+    return saved, from_ckpt, from_file
+
+
+def save_checkpoint(ckpt, path):
+    """Atomic: write a temp file, fsync, rename; a crash leaves the previous checkpoint intact."""
+    import torch
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def restore_state(ckpt, path, optimizers, rank, cuda, optimizer=True):
+    """A resumed run's optimizer states (optimizer=False: a new optimizer, Stage II's first step) and this rank's
+    RNG, so its depth and h0 draws continue where they stopped; what does not fit is one ValueError line."""
+    import torch
+    try:
+        if optimizer:
+            for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
+                opt.load_state_dict(state)
+        rng = ckpt["rng"][rank % len(ckpt["rng"])]
+        torch.set_rng_state(rng["cpu"])
+        if cuda and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"])
+    except (ValueError, KeyError, TypeError, RuntimeError, ZeroDivisionError) as e:
+        raise ValueError(f"{path}: its optimizer or RNG state does not fit this model: "
+                         f"{' '.join(str(e).split()) or type(e).__name__}") from None
+
+
+def trim_log(path, iter_num):
+    """A resumed run runs again the steps logged after its checkpoint (then Ctrl-C or a crash): drop their records
+    from log.jsonl, and the record of a run that started at iter_num but never saved. Returns how many went."""
+    import json
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [l for l in lines if (r := json.loads(l)).get("iter", 0) < iter_num
+            or (r.get("iter", 0) == iter_num and "run" not in r)]
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+    return len(lines) - len(keep)
+
+
+def flat(record, prefix=""):
+    """{"val": {4: 3.2}, "ce_steps": [..]} -> {"val/4": 3.2, "ce_steps/0": ..}: a record's numbers, for wandb."""
+    items = record.items() if isinstance(record, dict) else enumerate(record)
+    out = {}
+    for k, v in items:
+        if isinstance(v, (dict, list, tuple)):
+            out.update(flat(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def model_from_checkpoint(ckpt, path, overrides=None):
     """GPT built from a load_checkpoint() dict with its weights; a mismatch is a one-line ValueError.
     overrides: model settings that do not change the weights (eval_state) to use instead of the checkpoint's."""
@@ -272,8 +378,8 @@ def model_from_checkpoint(ckpt, path, overrides=None):
 
 
 def run_record(device, **fields):
-    """What produced a run (README "Records"): the command, the code (git commit, and whether the tree had
-    uncommitted changes), torch, Python, the device and the start time, plus the caller's fields. Without git,
+    """What produced a run (README "Pictures, records and Weights & Biases"): the command, the code (git commit,
+    and whether the tree had uncommitted changes), torch, Python, the device and the start time, plus the caller's fields. Without git,
     or outside a repository, the code fields say "unknown"; nothing here can fail a run."""
     import datetime
     import platform

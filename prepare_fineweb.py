@@ -95,6 +95,23 @@ def open_shard(path):
         return np.zeros(0, dtype=np.uint16)
     return np.memmap(path, dtype=np.uint16, mode="r", offset=HEADER_BYTES, shape=(count,))
 
+def open_split(data_dir, split):
+    """Every *_{split}_*.bin shard of data_dir, opened and checked (train.py); what is missing is one ValueError line."""
+    if not os.path.isdir(data_dir):
+        if os.path.exists(data_dir):
+            raise ValueError(f"data_dir {data_dir} is a file, not a folder of token shards: point --data_dir at the "
+                             f"folder that holds it")
+        raise ValueError(f"data_dir {data_dir} does not exist: make it with python prepare_fineweb.py (--sample "
+                         f"writes data/sample), or point --data_dir at a folder of *_train_*.bin and *_val_*.bin shards")
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+    if not paths:
+        raise ValueError(f"no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
+    try:
+        return [open_shard(p) for p in paths]  # checks every header and size up front
+    except ValueError as e:
+        raise ValueError(f"bad shard: {e}") from None
+
+
 def read_batch(shards, pos, batch_size, block_size, rank=0, world=1):
     """The next global micro-batch of world * batch_size sequences, read sequentially from pos =
     [shard, offset] (advanced in place). Rank r gets the r-th contiguous slice as (x, y) int64 tensors

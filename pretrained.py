@@ -993,6 +993,17 @@ def shards_tokenizer(data_dir):
         raise ValueError(f"{marker}: not what prepare_fineweb.py writes ({type(e).__name__})") from None
 
 
+def check_shards_tokenizer(data_dir, tokenizer, name):
+    """train.py: the shards in data_dir must be in the model's tokenizer (name: what to pass to --tokenizer)."""
+    data_tokenizer = shards_tokenizer(data_dir)
+    if data_tokenizer != tokenizer:
+        made = "GPT-2's tokenizer" if data_tokenizer == "gpt2" else f"another tokenizer ({data_dir}/tokenizer.json)"
+        model_tok = "GPT-2's" if tokenizer == "gpt2" else "its release's own"
+        raise ValueError(f"the shards in {data_dir} were made with {made}; the model reads {model_tok}: make shards "
+                         f"for it with python prepare_fineweb.py --text FILES --tokenizer={name} (or point --data_dir "
+                         f"at such shards)")
+
+
 def checkpoint_tokenizer(ckpt):
     """The tokenizer a train.py checkpoint was made with: its "tokenizer" entry (a fine-tuned release's), else GPT-2."""
     return make_tokenizer(ckpt.get("tokenizer") or "gpt2", "the checkpoint's tokenizer")

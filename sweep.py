@@ -1,7 +1,7 @@
 """
 Two studies, each many train.py runs and then tables of mean and spread over seeds.
 
-The stability study (README "Stability"): naive, RDM and Parcae loops and the fixed-depth baseline with
+The stability study (studies/stability.md): naive, RDM and Parcae loops and the fixed-depth baseline with
 the same blocks, each trained at several learning-rate multipliers, then one table of what happened.
 
     python prepare_fineweb.py --sample                 # data/sample, the default data_dir (offline, seconds)

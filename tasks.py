@@ -164,6 +164,15 @@ def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world
     return out
 
 
+def record(results, mod, mu):
+    """train.py's log.jsonl record of an evaluation; "val" is the id set's loss, so every tool that reads val losses
+    (sweep.py, the fit) reads a task run too."""
+    return {"val": {T: r["loss"] for T, r in results["id"].items()},
+            "val_state_rms": {T: r["state_rms"] for T, r in results["id"].items()},
+            "val_residual": {T: r["residual"] for T, r in results["id"].items()},
+            "task": results, "mod": mod, "mu": mu}
+
+
 def table(results):
     """evaluate()'s results as text: a row per set and depth, a column per bucket ('-' where it holds no digit)."""
     names = list(next(iter(next(iter(results.values())).values()))["acc"])  # the bucket labels, "1-8" ...

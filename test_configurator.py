@@ -106,3 +106,13 @@ def test_help_keeps_a_comment_that_goes_on_below_its_setting(tmp_path):
                     "                     # not a continuation: c has no comment of its own\n")
     assert script_settings(str(path)) == [("a", "1", "the first line of a long comment, and its second line", "section"),
                                           ("b", "'x'", "short", "another section"), ("c", "2", "", None)]
+
+
+@pytest.mark.parametrize("key,words", [("learning_rate", ["muon_lr", "adam_lr"]), ("min_lr", ["min_lr_frac"]),
+                                       ("gradient_accumulation_steps", ["total_batch_size"])])
+def test_nanogpts_names_point_at_ours(key, words):
+    s = settings(muon_lr=0.02, adam_lr=8e-3, min_lr_frac=0.0, total_batch_size=512, train_gate=False)
+    with pytest.raises(ValueError) as e:
+        configure(s, [f"--{key}=1"])
+    assert f"nanoGPT's {key} is" in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+    assert "train_gate" not in str(e.value)  # what difflib would have suggested for learning_rate

@@ -286,6 +286,35 @@ def test_resume_and_eval_only_take_the_runs_settings(tmp_path, trained):
     assert "T=2 " in r.stdout and "T=1 " not in r.stdout
 
 
+def test_a_config_file_overridden_by_the_checkpoint_is_named(tmp_path, trained):
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    r = train("config/tiny.py", f"--out_dir={out}", "--device=cpu", "--compile=False", "--eval_only=True")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("config/tiny.py: "))  # one line, naming the file
+    assert "block_size" in line and "data_dir" in line and "the checkpoint's here" in line, line
+    assert "device" not in line  # the command line's own values are kept, not overridden
+
+
+def test_a_model_flag_on_resume_leaves_the_saved_settings_the_models(tmp_path, trained):
+    args, src = trained
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    r = train(*args, f"--out_dir={out}", "--max_iters=3", "--init_from=resume", "--n_embd=64")
+    assert "using the checkpoint's model settings" in r.stdout and "n_embd" in r.stdout
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["model_args"]["n_embd"] == 32 and ckpt["config"]["n_embd"] == 32  # not the flag's 64
+    r = train(*args, f"--out_dir={out}", "--max_iters=4", "--init_from=resume")  # a later run: no difference to warn of
+    assert "using the checkpoint's model settings" not in r.stdout
+
+
+def test_eval_at_start_off_and_save_interval(tmp_path, data):
+    r = train(*TINY, f"--data_dir={data}", f"--out_dir={tmp_path}", "--max_iters=4", "--eval_interval=4",
+              "--eval_loops=1", "--eval_at_start=False", "--save_interval=2")
+    assert [rec["iter"] for rec in read_log(str(tmp_path)) if "val" in rec] == [4]  # no evaluation at iter 0
+    assert r.stdout.count("saved ") == 2 and "at iter 2" in r.stdout and "at iter 4" in r.stdout
+
+
 def test_ctrl_c_says_what_the_checkpoint_holds(tmp_path, data):
     p = subprocess.Popen([sys.executable, "train.py", *TINY, f"--data_dir={data}", f"--out_dir={tmp_path}",
                           "--max_iters=100000", "--eval_interval=2", "--eval_loops=1"],

@@ -29,7 +29,6 @@ from configurator import exit_on_help
 exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
 
 import difflib
-import glob
 import importlib.util
 import json
 import math
@@ -43,14 +42,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
-from configurator import (check_device, configure, datasheet_peak, fit_saturating_exp, load_checkpoint,
-                          model_from_checkpoint, run_record)
+from configurator import (check_device, check_stages, configure, datasheet_peak, fit_saturating_exp, flat,
+                          load_checkpoint, model_from_checkpoint, restore_state, resume_settings, run_record,
+                          save_checkpoint, trim_log)
 import decode
 import pretrained
 import tasks
 from model import GPT, GPTConfig, exit_summary
-from prepare_fineweb import open_shard, read_batch
+from prepare_fineweb import open_split, read_batch
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -60,6 +61,8 @@ init_from = "scratch"            # "scratch", "resume" (from out_dir/ckpt.pt), o
                                  # name (python pretrained.py --list), a hub repo owner/name or a local folder
 overwrite = False                # let a run from scratch replace out_dir's ckpt.pt and log.jsonl (eval_only.jsonl goes too)
 eval_interval = 250              # evaluate and checkpoint every this many steps (and at the end)
+eval_at_start = True             # also evaluate the initial weights (a run from scratch, before its first step)
+save_interval = 0                # also checkpoint every this many steps between evaluations; 0 = only with them
 log_interval = 10                # print training stats every this many steps
 eval_only = False                # evaluate the checkpoint in out_dir, append the result to out_dir/eval_only.jsonl, exit
 eval_loops = ()                  # loop depths to evaluate; () = 1, 2, mu/2, mu, 2 mu
@@ -132,9 +135,9 @@ wandb_log = False                # log to wandb (WANDB_MODE=offline works withou
 wandb_project = "nanoloop"       # its project
 wandb_run_name = ""              # its run name; "" = out_dir's last folder name
 # -----------------------------------------------------------------------------
-given = set()  # every key the config file or the command line set
+given = {}  # every key the config file or the command line set: where it was set
 try:
-    cli_keys = configure(globals(), sys.argv[1:], given=given)
+    cli_keys = configure(globals(), sys.argv[1:], given=given)  # given: {key: the file or "command line"}
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 settings = {k: v for k, v in globals().items() if not k.startswith("_")
@@ -143,9 +146,9 @@ if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
 if not all(type(T) is int and T >= 1 for T in eval_loops):
     raise SystemExit(f"error: eval_loops must be loop depths >= 1, e.g. --eval_loops=1,2,4, got {eval_loops!r}")
-for key in ("eval_interval", "log_interval", "max_iters", "batch_size", "block_size"):
-    if globals()[key] < 1:
-        raise SystemExit(f"error: {key} must be >= 1, got {globals()[key]}")
+for key in ("eval_interval", "log_interval", "max_iters", "batch_size", "block_size", "save_interval"):
+    if globals()[key] < (key != "save_interval"):
+        raise SystemExit(f"error: {key} must be >= {int(key != 'save_interval')}, got {globals()[key]}")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # where evaluations are recorded: an eval_only run's go to a file of their own, since a plot of log.jsonl would
 # take an evaluation of the final weights, made later and perhaps at other depths, for one made in training
@@ -155,16 +158,13 @@ if init_from != "resume" and not eval_only and os.path.exists(ckpt_path) and not
     # a trained model is not replaced by accident: say the three ways on
     raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
                      f"--out_dir=..., or replace it and its log.jsonl with --overwrite=True")
-ckpt, from_ckpt = None, {}
+ckpt, from_ckpt, from_file = None, {}, {}
 if init_from == "resume" or eval_only:  # checked before anything else is loaded
     try:
         ckpt = load_checkpoint(ckpt_path, need=() if eval_only else ("iter_num", "data_pos", "optimizer", "rng"))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    # the run's own settings (data_dir, batch sizes ...) outrank the config file; the command line outranks both
-    saved = {k: v for k, v in ckpt.get("config", {}).items() if k in settings and k not in cli_keys
-             and k not in ("init_from", "eval_only", "overwrite", "out_dir", "wandb_log", "wandb_project", "wandb_run_name")}
-    from_ckpt = {k: v for k, v in saved.items() if v != settings[k]}
+    saved, from_ckpt, from_file = resume_settings(ckpt, settings, given)  # the run's own outrank a config file's
     globals().update(saved)
     settings.update(saved)
     ckpt_max_iters = ckpt.get("config", {}).get("max_iters")  # what the run's lr schedule was planned for
@@ -197,24 +197,10 @@ if task:  # checked here, after a checkpoint's settings: a resumed task run keep
         raise SystemExit(f"error: vocab_size follows the task: task_mod={task_mod} needs {tasks.vocab_size(task_mod)} "
                          f"tokens (PAD, BOS, SEP and {task_mod} digits), got --vocab_size={vocab_size}")
     vocab_size = settings["vocab_size"] = tasks.vocab_size(task_mod)
-if not eval_only:  # Ouro's stages: what each needs, said before anything is built
-    why = next((w for bad, w in (
-        (exit_beta < 0, f"exit_beta must be >= 0, got {exit_beta}"),
-        (exit_beta > 0 and not exit_gate, "exit_beta > 0 (Stage I) trains an exit gate: set exit_gate=True"),
-        (exit_beta > 0 and mean_recurrence < 2, "Stage I (exit_beta > 0) learns when to stop among T_max = "
-         "mean_recurrence >= 2 steps; at 1 there is nothing to learn"),
-        (exit_beta > 0 and backprop_depth < mean_recurrence,
-         f"Stage I (exit_beta > 0) backpropagates through every step: set backprop_depth >= mean_recurrence "
-         f"= {mean_recurrence}, got {backprop_depth}"),
-        (exit_gate and exit_beta == 0 and not train_gate,
-         "exit_gate=True: train the gate with Stage I (exit_beta > 0, e.g. 0.1) or, from a Stage I checkpoint, "
-         "Stage II (--train_gate=True); otherwise it stays at its init"),
-        (train_gate and init_from != "resume", "train_gate=True (Stage II) continues a Stage I run: add "
-         "--init_from=resume and --out_dir of that run"),
-        (not all(type(q) in (int, float) and 0 <= q <= 1 for q in exit_thresholds),
-         f"exit_thresholds must be values q in [0, 1], got {exit_thresholds!r}")) if bad), None)
-    if why:
-        raise SystemExit(f"error: {why}")
+why = None if eval_only else check_stages(exit_gate, exit_beta, train_gate, mean_recurrence, backprop_depth,
+                                        init_from, exit_thresholds)  # Ouro's stages: what each needs, said up front
+if why:
+    raise SystemExit(f"error: {why}")
 if wandb_log and importlib.util.find_spec("wandb") is None:  # said before anything is loaded or written
     raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
@@ -257,19 +243,10 @@ def log(*args):
 
 
 def shards(split):
-    if not os.path.isdir(data_dir):
-        if os.path.exists(data_dir):
-            raise SystemExit(f"error: data_dir {data_dir} is a file, not a folder of token shards: point --data_dir "
-                             f"at the folder that holds it")
-        raise SystemExit(f"error: data_dir {data_dir} does not exist: make it with python prepare_fineweb.py (--sample "
-                         f"writes data/sample), or point --data_dir at a folder of *_train_*.bin and *_val_*.bin shards")
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
-    if not paths:
-        raise SystemExit(f"error: no {split} shards (*_{split}_*.bin) in {data_dir}: run prepare_fineweb.py first")
     try:
-        return [open_shard(p) for p in paths]  # checks every header and size up front
+        return open_split(data_dir, split)
     except ValueError as e:
-        raise SystemExit(f"error: bad shard: {e}") from None
+        raise SystemExit(f"error: {e}") from None
 
 
 # what to lower when the data is shorter than one micro-batch of every rank (+1: the last target)
@@ -334,6 +311,7 @@ try:
         iter_num, data_pos = ckpt.get("iter_num", 0), list(ckpt.get("data_pos", data_pos))
 except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint that does not fit this model.py
     raise SystemExit(f"error: {e}") from None
+settings.update({k: v for k, v in asdict(model.config).items() if k in settings})  # the saved settings: this model's
 if task and (model.config.vocab_size != tasks.vocab_size(task_mod) or block_size > model.config.block_size):
     raise SystemExit(f"error: {ckpt_path} holds a model of vocab_size {model.config.vocab_size} and block_size "
                      f"{model.config.block_size}; task_mod={task_mod} needs vocab_size {tasks.vocab_size(task_mod)} and "
@@ -349,45 +327,26 @@ if train_gate and not eval_only:
     if not model.config.exit_gate:
         raise SystemExit(f"error: train_gate=True trains an exit gate; the model in {ckpt_path} has none (exit_gate=False)")
     gate_start = ckpt.get("gate_start", iter_num) if ckpt_gate else iter_num
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("exit_gate."))  # every other weight stays bit-identical
-    optimizers = (torch.optim.AdamW(model.exit_gate.parameters(), lr=adam_lr, betas=adam_betas, eps=adam_eps,
-                                    weight_decay=0.0),)
     log(f"Stage II from iter {gate_start}: {'resumed' if ckpt_gate else 'a new'} AdamW (lr {adam_lr}) over the exit "
         f"gate's {sum(p.numel() for p in model.exit_gate.parameters())} parameters, its lr schedule over iters "
         f"{gate_start}-{max_iters}; every other weight frozen")
-else:
-    if ckpt_gate and not eval_only:
-        raise SystemExit(f"error: {ckpt_path} is a Stage II run (train_gate=True): its optimizer state is the gate's "
-                         f"alone; continue it with --train_gate=True, or resume its Stage I checkpoint")
-    optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps)
-if ckpt is not None and not eval_only:
+elif ckpt_gate and not eval_only:
+    raise SystemExit(f"error: {ckpt_path} is a Stage II run (train_gate=True): its optimizer state is the gate's "
+                     f"alone; continue it with --train_gate=True, or resume its Stage I checkpoint")
+optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps, train_gate and not eval_only)
+if ckpt is not None and not eval_only:  # Stage II starts with a new AdamW: Stage I's state is not used
     try:
-        if not (train_gate and gate_start == iter_num):  # Stage II starts with a new AdamW: Stage I's state is not used
-            for opt, state in zip(optimizers, ckpt["optimizer"], strict=True):
-                opt.load_state_dict(state)
-        rng = ckpt["rng"][rank % len(ckpt["rng"])]  # this rank's depth and h0 draws continue where they stopped
-        torch.set_rng_state(rng["cpu"])
-        if device_type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"])
-    except (ValueError, KeyError, TypeError, RuntimeError, ZeroDivisionError) as e:
-        raise SystemExit(f"error: {ckpt_path}: its optimizer or RNG state does not fit this model: "
-                         f"{' '.join(str(e).split()) or type(e).__name__}") from None
+        restore_state(ckpt, ckpt_path, optimizers, rank, device_type == "cuda", not (train_gate and gate_start == iter_num))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 runs = [] if ckpt is None else list(ckpt.get("runs", []))  # the records of the runs that made this checkpoint
 # the tokenizer of the text (sample.py and eval.py read it from the checkpoint): a release's, else GPT-2's
 tokenizer = None if task else release.tokenizer_spec if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
 del ckpt
-if not task:  # the shards must be in the model's tokenizer: prepare_fineweb.py leaves a release's tokenizer.json beside them
-    try:
-        data_tokenizer = pretrained.shards_tokenizer(data_dir)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if data_tokenizer != tokenizer:
-        made = "GPT-2's tokenizer" if data_tokenizer == "gpt2" else f"another tokenizer ({data_dir}/tokenizer.json)"
-        model_tok = "GPT-2's" if tokenizer == "gpt2" else "its release's own"
-        raise SystemExit(f"error: the shards in {data_dir} were made with {made}; the model reads {model_tok}: make "
-                         f"shards for it with python prepare_fineweb.py --text FILES --tokenizer="
-                         f"{init_from if release else 'gpt2'} (or point --data_dir at such shards)")
+try:  # the shards must be in the model's tokenizer: prepare_fineweb.py leaves a release's tokenizer.json beside them
+    None if task else pretrained.check_shards_tokenizer(data_dir, tokenizer, init_from if release else "gpt2")
+except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
 for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
     for group in opt.param_groups:
         group["peak_lr"] = peak  # the schedule scales these; set after loading so a resumed run may change them
@@ -420,6 +379,8 @@ if task:
         f"Bits per byte and val_tokens do not apply: the labels are digits, not text")
 if from_ckpt:
     log("settings from the checkpoint (--key=value overrides them): " + ", ".join(f"{k}={v!r}" for k, v in from_ckpt.items()))
+for file, keys in from_file.items():  # a config file given with a checkpoint is mostly not what runs: say which part
+    log(f"{file}: {', '.join(keys)} are the checkpoint's here, not this file's (give them as --key=value to change them)")
 
 
 def lr_mult(it):
@@ -460,10 +421,13 @@ def evaluate():
     exit_sums = torch.zeros(2 * len(exit_thresholds) + 3, device=device, dtype=torch.float64)
     n = block_size * batch_size
     sum_dtype = torch.float32 if device_type == "mps" else torch.float64  # byte counts pass 2^24 in fp32
-    for T in eval_loops:
+    batches = range(rank * batch_size, val_seqs, world * batch_size)
+    bar = tqdm(total=len(eval_loops) * len(batches), desc="eval", unit="batch", disable=None if eval_only and master else True)
+    for T in eval_loops:  # an eval_only sweep may go deep: a bar on a terminal, with the time left
         total = torch.zeros(4, device=device)  # sums over batches: loss, 1, state rms, residual
         nats_bytes = torch.zeros(2, device=device, dtype=sum_dtype)  # nats of targets with bytes, their bytes
-        for b in range(rank * batch_size, val_seqs, world * batch_size):
+        for b in batches:
+            bar.update()
             buf = torch.from_numpy(val[b * block_size:b * block_size + n + 1].astype(np.int64)).to(device)
             y = buf[1:].view(batch_size, block_size)
             with ctx:
@@ -481,6 +445,7 @@ def evaluate():
         losses[T] = (total[0] / total[1]).item()
         states[T] = (total[2:] / total[1]).tolist()
         bpbs[T] = (nats_bytes[0] / (math.log(2) * nats_bytes[1])).item() if nats_bytes[1] > 0 else float("nan")
+    bar.close()
     if ddp:
         dist.all_reduce(exit_sums)
     model.train()
@@ -501,24 +466,8 @@ def report_task_eval():
     model.train()
     log(f"step {iter_num}, {task} mod {task_mod} (chance {1 / task_mod:.3f}): accuracy per labelled digit by its "
         f"position in the segment, whole segments right, loss on the digits, loop state{written_to()}\n" + tasks.table(res))
-    # "val" is the id set's loss, so every tool that reads val losses (sweep.py, the fit) reads this run too
-    write_log({"iter": iter_num, "val": {T: r["loss"] for T, r in res["id"].items()},
-               "val_state_rms": {T: r["state_rms"] for T, r in res["id"].items()},
-               "val_residual": {T: r["residual"] for T, r in res["id"].items()},
-               "task": res, "mod": task_mod, "mu": cfg.mean_recurrence})
+    write_log({"iter": iter_num, **tasks.record(res, task_mod, cfg.mean_recurrence)})
     return {T: r["loss"] for T, r in res["id"].items()}
-
-
-def flat(record, prefix=""):
-    """{"val": {4: 3.2}, "ce_steps": [..]} -> {"val/4": 3.2, "ce_steps/0": ..}: the numbers, for wandb."""
-    items = record.items() if isinstance(record, dict) else enumerate(record)
-    out = {}
-    for k, v in items:
-        if isinstance(v, (dict, list, tuple)):
-            out.update(flat(v, f"{prefix}{k}/"))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def write_log(record):
@@ -553,8 +502,8 @@ def report_eval():
     return losses
 
 
-def save_checkpoint():
-    """Atomic: write a temp file, fsync, rename; a crash leaves the previous checkpoint intact."""
+def checkpoint():
+    """Every rank's RNG gathered, then rank 0 writes (configurator.save_checkpoint: atomic)."""
     rng = {"cpu": torch.get_rng_state()}
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -565,15 +514,9 @@ def save_checkpoint():
         rngs = [rng]
     if not master:
         return
-    ckpt = {"model": raw_model.state_dict(), "model_args": asdict(cfg), "optimizer": [o.state_dict() for o in optimizers],
-            "iter_num": iter_num, "data_pos": list(data_pos), "config": settings, "rng": rngs, "version": 1,
-            "gate_start": gate_start, "runs": runs, "tokenizer": tokenizer}
-    tmp = ckpt_path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
+    save_checkpoint({"model": raw_model.state_dict(), "model_args": asdict(cfg), "iter_num": iter_num, "rng": rngs,
+                     "optimizer": [o.state_dict() for o in optimizers], "data_pos": list(data_pos), "config": settings,
+                     "version": 1, "gate_start": gate_start, "runs": runs, "tokenizer": tokenizer}, ckpt_path)
     global saved_iter
     saved_iter = iter_num
     log(f"saved {ckpt_path} at iter {iter_num}")
@@ -585,19 +528,9 @@ if master:
         for old in (log_path, eval_only_path):  # a new run starts a new log, never appends to an old one
             if os.path.exists(old):
                 os.remove(old)
-    if init_from == "resume" and not eval_only and os.path.exists(log_path):
-        # steps logged after the last checkpoint (then Ctrl-C or a crash) are run again now: drop the old ones
-        with open(log_path) as f:
-            lines = f.readlines()
-        # (and the record of a run that started at iter_num but never saved: it made nothing that is kept)
-        keep = [l for l in lines if (r := json.loads(l)).get("iter", 0) < iter_num
-                or (r.get("iter", 0) == iter_num and "run" not in r)]
-        if len(keep) < len(lines):
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(log_path + ".tmp", log_path)
-            log(f"log.jsonl: dropped {len(lines) - len(keep)} records past iter {iter_num}, "
-                f"written after the last checkpoint; those steps run again now")
+    if init_from == "resume" and not eval_only and (dropped := trim_log(log_path, iter_num)):
+        log(f"log.jsonl: dropped {dropped} records past iter {iter_num}, written after the last checkpoint; those "
+            f"steps run again now")
 # a record of what produced this run: first in log.jsonl, then one more for every resume (and eval_only)
 run = run_record(device, world_size=world, dtype=dtype, compile=compile, init_from=init_from, eval_only=eval_only,
                  **({"release": release.record()} if release else {}))  # its repo, commit and files' sha256
@@ -629,7 +562,7 @@ if eval_only:
 def interrupted(signum, frame):
     """Ctrl-C: one line saying what is on disk instead of a traceback (a save in flight leaves the old file)."""
     held = f"{ckpt_path} holds iter {saved_iter}: continue with --init_from=resume" if saved_iter is not None \
-        else f"no checkpoint written yet (the first comes at iter {min(eval_interval, max_iters)})"
+        else f"no checkpoint written yet (the first comes at iter {min(eval_interval, save_interval or max_iters, max_iters)})"
     if master:
         print(f"interrupted at iter {iter_num}; {held}", file=sys.stderr, flush=True)
     raise SystemExit(130)  # the shell's code for Ctrl-C
@@ -647,10 +580,14 @@ loss_sum, loss_steps = torch.zeros((), device=device), 0  # the logged loss: the
 model.train()
 while True:
     # a resumed run's first state was evaluated when its checkpoint was written: skip that repeat
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or init_from != "resume"):
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and (iter_num > start_iter or
+                                                                     (init_from != "resume" and eval_at_start)):
         report_eval()
         if iter_num > start_iter:
-            save_checkpoint()
+            checkpoint()
+        t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
+    elif save_interval and iter_num % save_interval == 0 and iter_num > start_iter:
+        checkpoint()  # between evaluations: an interrupted run loses at most save_interval steps
         t0, window, useful_flops, steps_needed, steps_run = time.time(), 0, 0, 0, 0
     if iter_num >= max_iters:
         break

@@ -23,6 +23,7 @@ batch_size = 64
 total_batch_size = 4096
 max_iters = 750
 eval_interval = 750
+save_interval = 250         # a checkpoint between the two evaluations: an interrupted run keeps its steps
 log_interval = 50
 eval_loops = (1, 2, 4, 8, 16, 32, 64, 128)
 muon_lr = 0.02
