@@ -16,11 +16,13 @@ depth the model was trained at, its mean_recurrence). With an exit criterion eac
 token may leave the loop earlier; prompt tokens always run num_loops steps. An exited token stops
 (exit_cache=copy, the default for nanoloop's models: later tokens read its last step's K/V where
 they would read a deeper one, the saving the Ouro paper measures) or runs its remaining steps for
-the cache alone (compute, the default for an Ouro release: what its code does, token for token). An Ouro release reads each token out at its Q-exit
-step for the release's q (early_exit_threshold, 1.0) even without an exit criterion, as its code
-does. chat=True wraps the prompt as one user turn in ChatML, as the Ouro Thinking variants' chat
-template does, and prints the reply up to <|im_end|>. After each sample
-a line reports the depth, the mean loop steps per generated token and the KV cache size (with
+the cache alone (compute, the default for an Ouro release: what its code does, token for token).
+An Ouro release reads each token out at its Q-exit step for the release's q (early_exit_threshold,
+1.0) even without an exit criterion, as its code does. chat=True wraps the prompt as one user turn
+in ChatML, as the Ouro Thinking variants' chat template does, and prints the reply up to
+<|im_end|>. A depth whose KV cache cannot fit in free memory is refused before anything runs, and
+one far past training says what it will cost first. After each sample a line reports the depth,
+the mean loop steps per generated token and the KV cache size (with
 --compile=True, the graphs compiled so far: flat after the first sample, or something recompiles).
 
 The prompt is in the model's tokenizer (GPT-2 BPE for nanoloop's models and LoopLM; a fine-tuned
