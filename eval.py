@@ -5,7 +5,8 @@ depths: does thinking longer help?
     python eval.py --out_dir=out/tiny
     python eval.py --out_dir=out/parcae_135m --tasks=hellaswag,lambada --eval_loops=1,2,4,8,16
     python eval.py --out_dir=out/tiny --tasks=hellaswag --max_items=500      # a quick partial run
-    python eval.py --out_dir=out/tiny --eval_data_dir=/path/to/copies       # offline
+    python eval.py --out_dir=out/tiny --eval_data_dir=assets/eval_sample --device=cpu  # offline: 5 real items a task
+    python eval.py --out_dir=out/tiny --eval_data_dir=/path/to/copies       # offline, the full files copied by hand
     python eval.py --init_from=looplm-135m-naive --eval_loops=1,2,4,6,8,12   # a released model (pretrained.py)
 
 Prints a table (one row per task and metric, one column per depth) and writes out_dir/eval.json

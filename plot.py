@@ -5,13 +5,16 @@ Pictures of runs, from the records train.py writes (log.jsonl, and eval.json whe
     python plot.py out/tiny out/tiny_naive out/tiny_rdm --out=assets/injections.png
     python plot.py --sweep=out/sweep --out=assets/sweep.png            # the Stability study of sweep.py
 
-For runs, one figure of three panels (four with an eval.json): training loss against step; val loss
-against step, one line per evaluated depth; val loss against test-time depth T at the last evaluation,
-with Parcae's law L(T) = L_inf + Z exp(-z T) fitted and drawn over it; and each eval.json score against
-depth. Several runs share the axes, named by their folders. For a sweep: the final val loss against the
-learning-rate multiplier per variant (mean and range over seeds; a run that failed is an x at the top),
-the largest rho and the largest loop-state RMS logged (log scale). Needs matplotlib (pip install
-matplotlib); nothing else in nanoloop does.
+For runs, one figure of three panels and more where the records hold more: training loss against step;
+val loss against step, one line per evaluated depth T (a colour per depth, a line style per run); val
+loss against test-time depth T at the last evaluation, with Parcae's law L(T) = L_inf + Z exp(-z T)
+fitted and drawn over it; where an --eval_only run wrote eval_only.jsonl, its depth sweep (val loss
+against T, a line per eval_only evaluation, the latest solid, with the fit); and where eval.py wrote
+an eval.json, its scores against depth, accuracies (0-1) in one panel and losses, bits per byte and
+perplexities on a log axis in another. Several runs share the axes, named by their folders. For a
+sweep: the final val loss against the learning-rate multiplier per variant (mean and range over seeds;
+a run that failed is an x at the top), the largest rho and the largest loop-state RMS logged (log
+scale). Needs matplotlib (pip install matplotlib); nothing else in nanoloop does.
 """
 import sys
 
@@ -29,23 +32,32 @@ from configurator import configure, fit_saturating_exp
 out = ""                          # the PNG to write; "" = plot.png in the first run's folder (or the sweep's)
 sweep = ""                        # a sweep.py out_dir: draw its Stability study instead of runs
 # -----------------------------------------------------------------------------
-STYLES = ["-", "--", "-.", ":"]   # line and marker per evaluated depth (12 before a repeat); one color per run
+STYLES = ["-", "--", "-.", ":"]   # a line style and marker per run (12 before a repeat); by step, a colour per depth
 MARKERS = ["o", "s", "^"]
+DEPTH_CMAP = "viridis"            # depths in order along it, so neighbouring depths get neighbouring colours
 
 
 def read_run(run_dir):
-    """(train [(iter, loss)], evals [(iter, {T: val loss})], eval.json or None) of a train.py out_dir."""
+    """(train [(iter, loss)], evals [(iter, {T: val loss})], eval.json or None, eval_only [(iter, {T: val loss})])
+    of a train.py out_dir; eval_only holds the --eval_only runs' evaluations, from eval_only.jsonl, oldest first."""
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{run_dir} has no log.jsonl: not a train.py out_dir (or the run wrote no record yet)")
     records = read_jsonl(path)
     train = [(r["iter"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["iter"], {int(T): v for T, v in r["val"].items()}) for r in records if "val" in r]
+    evals = val_records(records)
     scores = None
     if os.path.isfile(os.path.join(run_dir, "eval.json")):
         with open(os.path.join(run_dir, "eval.json")) as f:
             scores = json.load(f)
-    return train, evals, scores
+    path = os.path.join(run_dir, "eval_only.jsonl")
+    eval_only = val_records(read_jsonl(path)) if os.path.isfile(path) else []
+    return train, evals, scores, eval_only
+
+
+def val_records(records):
+    """[(iter, {T: val loss})] of the evaluations among records (JSON keys are strings: T back to int)."""
+    return [(r["iter"], {int(T): v for T, v in r["val"].items()}) for r in records if "val" in r]
 
 
 def read_jsonl(path):
@@ -68,53 +80,95 @@ def finite(v):
     return v is not None and math.isfinite(v)
 
 
+def is_accuracy(metric):
+    """eval.json's metrics in 0-1 (acc, acc_norm), drawn apart from losses, bpb and ppl (about 1 to 1e5)."""
+    return metric.startswith("acc")
+
+
+def draw_fit(ax, Ts, losses, color, name):
+    """Parcae's law L(T) = L_inf + Z exp(-z T) fitted to (Ts, losses) and drawn over the depths' range."""
+    L_inf, Z, z, _ = fit_saturating_exp(Ts, losses)
+    grid = [Ts[0] * (Ts[-1] / Ts[0]) ** (k / 99) for k in range(100)]
+    ax.plot(grid, [L_inf + Z * math.exp(-z * T) for T in grid], "-", color=color, alpha=0.6,
+            label=f"{name} fit {L_inf:.3f} + {Z:.3g} e^(-{z:.3g} T)")
+
+
 def plot_runs(run_dirs, path):
     """The figure of the runs in run_dirs, written to path; returns it."""
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     runs = [(os.path.basename(os.path.normpath(d)), read_run(d)) for d in run_dirs]  # a list: names may repeat
-    with_scores = any(s is not None for _, (_, _, s) in runs)
-    fig, axes = plt.subplots(1, 4 if with_scores else 3, figsize=(20 if with_scores else 15, 4.5))
+    score_keys = sorted({(task, m) for _, (_, _, s, _) in runs if s
+                         for task, r in s.get("tasks", {}).items() for m in r["metrics"]})  # eval.json's, a colour each
+    panels = ["train", "val", "depth"]  # and only the panels that have records
+    panels += ["eval_only"] if any(e for _, (_, _, _, e) in runs) else []
+    panels += ["accuracy"] if any(is_accuracy(m) for _, m in score_keys) else []
+    panels += ["loss"] if any(not is_accuracy(m) for _, m in score_keys) else []
+    cols = min(len(panels), 3)  # rows of three panels: a figure of six stays readable when shrunk
+    rows = -(-len(panels) // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(5 * cols, 4.5 * rows), squeeze=False)
+    axes = grid.flatten()[:len(panels)]
+    for a in grid.flatten()[len(panels):]:
+        fig.delaxes(a)
+    ax = dict(zip(panels, axes))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    ax_train, ax_val, ax_depth = axes[:3]
-    for i, (name, (train, evals, scores)) in enumerate(runs):
+    # one colour per depth, the same in every run: a run's line style tells the runs apart
+    all_depths = sorted({T for _, (_, evals, _, _) in runs for _, v in evals for T in v})
+    cmap = plt.get_cmap(DEPTH_CMAP)
+    depth_color = {T: cmap(k / max(1, len(all_depths) - 1) * 0.9) for k, T in enumerate(all_depths)}  # 0.9: no pale yellow
+    run_handles = []
+    for i, (name, (train, evals, scores, eval_only)) in enumerate(runs):
         c = colors[i % len(colors)]
         if train:
-            ax_train.plot(*zip(*train), color=c, label=name)
-        depths = sorted({T for _, v in evals for T in v})
-        for j, T in enumerate(depths):
+            ax["train"].plot(*zip(*train), color=c, label=name)
+        style, marker = STYLES[i % 4], MARKERS[i // 4 % 3]
+        for T in sorted({T for _, v in evals for T in v}):
             pts = [(it, v[T]) for it, v in evals if finite(v.get(T))]
             if pts:
-                ax_val.plot(*zip(*pts), STYLES[j % 4], color=c, marker=MARKERS[j // 4 % 3], ms=3, label=f"{name} T={T}")
+                ax["val"].plot(*zip(*pts), style, color=depth_color[T], marker=marker, ms=3, label=f"{name} T={T}")
+        run_handles.append(Line2D([], [], linestyle=style, marker=marker, ms=3, color="0.4", label=name))
         if evals:
             it, last = evals[-1]
             Ts = [T for T in sorted(last) if finite(last[T])]
-            ax_depth.plot(Ts, [last[T] for T in Ts], "o", color=c, label=f"{name} (iter {it})")
+            ax["depth"].plot(Ts, [last[T] for T in Ts], "o", color=c, label=f"{name} (iter {it})")
             if len(Ts) >= 3:
-                L_inf, Z, z, _ = fit_saturating_exp(Ts, [last[T] for T in Ts])
-                grid = [Ts[0] * (Ts[-1] / Ts[0]) ** (k / 99) for k in range(100)]
-                ax_depth.plot(grid, [L_inf + Z * math.exp(-z * T) for T in grid], "-", color=c, alpha=0.6,
-                              label=f"{name} fit {L_inf:.3f} + {Z:.3g} e^(-{z:.3g} T)")
-        if scores is not None:
-            for task, res in scores.get("tasks", {}).items():
-                for metric, by_T in res["metrics"].items():
-                    Ts = sorted(by_T, key=int)
-                    axes[3].plot([int(T) for T in Ts], [by_T[T] for T in Ts], "o-", color=c, label=f"{name} {task} {metric}")
-    for ax, title, ylabel in ((ax_train, "training loss", "loss (nats/token)"), (ax_val, "val loss by loop depth T", "val loss"),
-                              (ax_depth, "val loss against test-time depth", "val loss")):
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-        ax.set_xlabel("step" if ax is not ax_depth else "loop depth T")
-    ax_depth.set_xscale("log", base=2)
-    if with_scores:
-        axes[3].set(title="eval.json scores", xlabel="loop depth T", ylabel="score", xscale="log")
-        axes[3].set_xscale("log", base=2)
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
+                draw_fit(ax["depth"], Ts, [last[T] for T in Ts], c, name)
+        for k, (it, losses) in enumerate(eval_only):  # each --eval_only run's sweep; the latest solid, older ones faint
+            latest = k == len(eval_only) - 1
+            Ts = [T for T in sorted(losses) if finite(losses[T])]
+            ax["eval_only"].plot(Ts, [losses[T] for T in Ts], "o-" if latest else "o--", color=c, alpha=1 if latest else 0.4,
+                                 label=f"{name} eval_only {k + 1}/{len(eval_only)} (iter {it})")
+            if latest and len(Ts) >= 3:
+                draw_fit(ax["eval_only"], Ts, [losses[T] for T in Ts], c, name)
+        for task, res in (scores or {}).get("tasks", {}).items():  # a colour per task and metric, a line style per run
+            for metric, by_T in res["metrics"].items():
+                pts = sorted((int(T), v) for T, v in by_T.items() if finite(v))
+                if pts:
+                    ax["accuracy" if is_accuracy(metric) else "loss"].plot(
+                        *zip(*pts), style, marker="o", color=colors[score_keys.index((task, metric)) % len(colors)],
+                        label=f"{name} {task} {metric}")
+    for key, title, xlabel, ylabel in (
+            ("train", "training loss", "step", "loss (nats/token)"), ("val", "val loss by loop depth T", "step", "val loss"),
+            ("depth", "val loss against test-time depth", "loop depth T", "val loss"),
+            ("eval_only", "eval_only depth sweep (eval_only.jsonl)", "loop depth T", "val loss"),
+            ("accuracy", "eval.json accuracies", "loop depth T", "accuracy"),
+            ("loss", "eval.json loss, bpb, ppl (log scale)", "loop depth T", "value")):
+        if key in ax:
+            ax[key].set(title=title, xlabel=xlabel, ylabel=ylabel)
+            if xlabel == "loop depth T":
+                ax[key].set_xscale("log", base=2)
+    if "loss" in ax:
+        ax["loss"].set_yscale("log")  # ppl in the hundreds (an untrained model's in the 1e4s) beside losses of a few nats
+    for a in axes:
+        if not a.lines:
+            a.text(0.5, 0.5, "no records", ha="center", va="center", transform=a.transAxes)
+        elif a is ax["val"]:  # the legend by depth (colours), then by run (line styles) where there are several
+            by_T = [Line2D([], [], color=depth_color[T], label=f"T={T}") for T in all_depths]
+            a.legend(handles=by_T + (run_handles if len(runs) > 1 else []), fontsize=7, ncol=2 if len(all_depths) > 8 else 1)
         else:
-            ax.text(0.5, 0.5, "no records", ha="center", va="center", transform=ax.transAxes)
-        ax.grid(alpha=0.3)
+            a.legend(fontsize=7)
+        a.grid(alpha=0.3)
     fig.tight_layout()
     save(fig, path)
     return fig

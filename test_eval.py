@@ -252,6 +252,35 @@ def test_eval_end_to_end(trained, tmp_path):
     assert {m: list(v) for m, v in res["lambada"]["metrics"].items()} == {"acc": ["2"], "ppl": ["2"]}
 
 
+def test_the_shipped_sample_runs_offline(trained):
+    """eval.py's docstring example on assets/eval_sample, the real items shipped for an offline try: each task's
+    items are scored from the files there, with no download and nothing written into the folder."""
+    _, out, _ = trained
+    (line,) = [l for l in ev.__doc__.splitlines() if "--eval_data_dir=assets/eval_sample" in l]
+    args = [a for a in line.split("#")[0].split()[2:] if not a.startswith("--out_dir=")]  # after "python eval.py"
+    sample = os.path.join(ROOT, "assets", "eval_sample")
+    before = sorted(os.listdir(sample))
+    items = {}
+    for task, url in ev.URLS.items():  # read here first: a missing file must fail, not be downloaded into the repo
+        path = os.path.join(sample, url.rsplit("/", 1)[-1])
+        items[task] = len(ev.read_items(task, path))
+        with open(path) as f:
+            objs = [json.loads(l) for l in f]
+        if task == "hellaswag":  # the real file's fields: ctx is ctx_a and ctx_b joined, from the val split
+            assert all(o["split"] == "val" and o["ctx"] == f"{o['ctx_a']} {o['ctx_b']}".strip() for o in objs)
+    assert min(items.values()) >= 3
+    r = run_eval(f"--out_dir={out}", *args)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, "eval.json")) as f:
+        res = json.load(f)
+    for task, n in items.items():
+        assert res["tasks"][task]["items"] == n
+        assert any(l.split()[:3] == [task, "acc", str(n)] for l in r.stdout.splitlines()), r.stdout
+        for metric, by_T in res["tasks"][task]["metrics"].items():
+            assert list(by_T) == [str(T) for T in res["eval_loops"]] and all(math.isfinite(v) for v in by_T.values())
+    assert sorted(os.listdir(sample)) == before
+
+
 BAD = {"label": dict(HELLASWAG[0], label=7)}
 
 

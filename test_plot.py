@@ -1,6 +1,7 @@
 """Tests of plot.py (CPU; needs matplotlib, which .ci/run installs).   python -m pytest -q test_plot.py"""
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -28,6 +29,12 @@ def run(tmp_path_factory, data):  # noqa: F811
     return out
 
 
+def panel(fig, words):
+    """The one axes of fig whose title holds words."""
+    (ax,) = [ax for ax in fig.axes if words in ax.get_title()]
+    return ax
+
+
 def test_a_real_runs_figure(tmp_path, run):
     path = str(tmp_path / "a.png")
     fig = plot.plot_runs([run, run], path)
@@ -37,13 +44,56 @@ def test_a_real_runs_figure(tmp_path, run):
     depth = fig.axes[2]
     assert [tuple(line.get_xdata()) for line in depth.lines][0] == (1, 2, 4)  # points at the evaluated depths
     assert any("fit" in t.get_text() for t in depth.get_legend().get_texts())
-    # with an eval.json: a fourth panel of scores by depth
+    # with an eval.json: its accuracies in one panel, its perplexity (and losses) in another, on a log axis
+    tasks = {"lambada": {"items": 5, "metrics": {"acc": {"1": 0.1, "2": 0.2, "4": 0.25},
+                                                 "ppl": {"1": 180.0, "2": 150.0, "4": 140.0}}},
+             "hellaswag": {"items": 5, "metrics": {"acc": {"1": 0.2, "2": 0.4, "4": 0.4},
+                                                   "acc_norm": {"1": 0.2, "2": 0.2, "4": 0.6}}}}
     with open(os.path.join(run, "eval.json"), "w") as f:
-        json.dump({"tasks": {"lambada": {"items": 5, "metrics": {"acc": {"1": 0.1, "2": 0.2, "4": 0.25}}}}}, f)
+        json.dump({"tasks": tasks}, f)
     fig = plot.plot_runs([run], path)
     os.remove(os.path.join(run, "eval.json"))
-    assert len(fig.axes) == 4 and png_size(path) == (2000, 450)
-    assert tuple(fig.axes[3].lines[0].get_ydata()) == (0.1, 0.2, 0.25)
+    assert len(fig.axes) == 5 and png_size(path) == (1500, 900)  # rows of three
+    acc, ppl = panel(fig, "accuracies"), panel(fig, "ppl")
+    drawn = {ax: {line.get_label().split(" ", 1)[1]: tuple(line.get_ydata()) for line in ax.lines} for ax in (acc, ppl)}
+    want = {f"{task} {m}": tuple(by_T.values()) for task, r in tasks.items() for m, by_T in r["metrics"].items()}
+    assert {**drawn[acc], **drawn[ppl]} == want  # every score drawn once, ...
+    assert set(drawn[ppl]) == {"lambada ppl"} and ppl.get_yscale() == "log"  # ... the perplexity apart from the accuracies
+    assert acc.get_yscale() == "linear" and max(max(y) for y in drawn[acc].values()) <= 1
+
+
+def test_depths_get_their_own_colours(tmp_path, run):
+    fig = plot.plot_runs([run, run], str(tmp_path / "a.png"))
+    val = fig.axes[1]
+    colour = {}  # depth -> the colour of its lines, in both runs
+    for line in val.lines:
+        colour.setdefault(line.get_label().split("T=")[1], set()).add(matplotlib.colors.to_hex(line.get_color()))
+    assert sorted(colour, key=int) == ["1", "2", "4"] and all(len(c) == 1 for c in colour.values())
+    assert len(set.union(*colour.values())) == 3  # a colour per depth, not per run
+    assert len({line.get_linestyle() for line in val.lines}) == 2  # the two runs: a line style each
+    legend = [t.get_text() for t in val.get_legend().get_texts()]
+    assert legend[:3] == ["T=1", "T=2", "T=4"]
+
+
+def test_the_eval_only_sweep_gets_a_panel(tmp_path, run):
+    out = str(tmp_path / "run")
+    shutil.copytree(run, out)  # eval_only.jsonl goes beside this copy, not into the shared run
+    train(f"--out_dir={out}", "--eval_only=True", "--eval_loops=1,8")
+    train(f"--out_dir={out}", "--eval_only=True", "--eval_loops=1,2,3,6,12")
+    sweeps = [r for r in plot.read_jsonl(os.path.join(out, "eval_only.jsonl")) if "val" in r]
+    assert len(sweeps) == 2
+    path = str(tmp_path / "e.png")
+    fig = plot.plot_runs([out], path)
+    assert len(fig.axes) == 4 and png_size(path) == (1500, 900)
+    ax = panel(fig, "eval_only")
+    lines = [line for line in ax.lines if "fit" not in line.get_label()]
+    assert [tuple(line.get_xdata()) for line in lines] == [tuple(int(T) for T in r["val"]) for r in sweeps]
+    assert [tuple(line.get_ydata()) for line in lines] == [tuple(r["val"].values()) for r in sweeps]
+    assert [line.get_linestyle() for line in lines] == ["--", "-"]  # the latest sweep solid
+    fits = [line for line in ax.lines if "fit" in line.get_label()]
+    assert len(fits) == 1 and (fits[0].get_xdata()[0], fits[0].get_xdata()[-1]) == pytest.approx((1, 12))
+    # log.jsonl's evaluations stay in their own panels: training's depths only
+    assert sorted(int(line.get_label().split("T=")[1]) for line in fig.axes[1].lines) == [1, 2, 4]
 
 
 def test_the_same_records_give_the_same_file(tmp_path, run):
