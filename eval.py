@@ -24,7 +24,8 @@ ending with the lowest summed loss, acc_norm the lowest mean loss per token. Cha
 LAMBADA: the target is the last space-separated word; acc = greedy decoding reproduces all of its
 tokens given the text before it; ppl = exp(mean loss of the target tokens).
 The model runs in eval mode (no depth sampling, initial state 0 unless --eval_state=random), so a
-score is a function of the checkpoint and the depth only.
+score is a function of the checkpoint and the depth only. (A little over 400 lines: each task's reading,
+download and scoring are kept beside the batched scorer they share.)
 """
 import sys
 

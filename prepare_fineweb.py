@@ -21,6 +21,9 @@ Options take --key value or, as in the other scripts, --key=value (--num_chunks=
 
 Shard format: 1024-byte header of 256 little-endian int32 (magic 20240520, version 1,
 token count), then the uint16 tokens. Every document starts with <|endoftext|> (50256).
+
+Why one file of this size: the shard format has one writer and one reader, and both are here (train.py
+reads with open_split and read_batch), with the three ways to make shards: download, your text, the sample.
 """
 
 import argparse

@@ -29,6 +29,10 @@ Downloads are huggingface_hub's (its cache, resume, progress bars, HF_TOKEN, rev
 nothing in a release is executed. The tests prove each family's map against its official code on tiny
 release-format fixtures and against the real releases' key inventories; the real files are checked by
 this script, on a machine that has them.
+
+Why one file of this size: each family's map (config fields, key plan, transforms, tokenizer) is a
+function here, read beside the others it must agree with, and the shared machinery (files, checks,
+tokenizers) is what makes every map refuse by name; split up, a reader would chase one load across files.
 """
 import dataclasses
 import difflib
