@@ -10,7 +10,9 @@ prompt "1984"); any other value is a Python literal (--max_iters=100, --eval_loo
 word as a str. An unknown key or a value of the wrong type is an error that names the key.
 
 load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one;
-save_checkpoint(), restore_state() and trim_log() are train.py's side of the same files.
+save_checkpoint(), restore_state() and trim_log() are train.py's side of the same files. (A little over
+400 lines: it is every script's shared ground, settings, device and checkpoints, and splitting it would give
+each script one more import to follow.)
 """
 import ast
 import difflib
