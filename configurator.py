@@ -87,7 +87,7 @@ NANOGPT = {"learning_rate": ("muon_lr", "muon_lr (Muon, the block matrices) and 
            "gradient_accumulation_steps": ("total_batch_size", "total_batch_size (tokens per step; the accumulation follows)"),
            "n_layer": ("n_core", "n_prelude, n_core and n_coda (blocks before, in and after the loop)"),
            "eval_iters": ("val_tokens", "val_tokens (a fixed prefix of the val shards)"),
-           "always_save_checkpoint": ("eval_interval", "eval_interval: every evaluation checkpoints")}
+           "always_save_checkpoint": ("eval_interval", "eval_interval: every evaluation checkpoints (and save_interval)")}
 
 
 def _coerce(key, value, default):
@@ -152,8 +152,8 @@ def configure(settings, argv, config_files=True, given=None):
             raise ValueError(f"unknown config key {key!r} ({where}): " +
                              (f"did you mean {close[0]}?" if close else f"python {script} --help lists every setting"))
         settings[key] = _coerce(key, value, settings[key])
-        if isinstance(given, dict):
-            given[key] = where
+        if isinstance(given, dict):  # the command line stays the command line's, whatever a later file sets
+            given[key] = "command line" if given.get(key) == "command line" else where
         elif given is not None:
             given.add(key)
 

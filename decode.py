@@ -45,7 +45,7 @@ def q_exit_sums(ce, z, valid, qs):
     for q in qs:
         m = exit_step(z, q)
         out += [ce.gather(0, m[None])[0][valid].sum(), (m + 1)[valid].sum()]
-    return torch.stack(out).double()
+    return torch.stack(out).double() if out else torch.zeros(0, dtype=torch.float64, device=ce.device)
 
 
 class KVCache:
@@ -85,10 +85,11 @@ def cache_nbytes(cache):
     return sum(c.nbytes() for c in caches)
 
 
-def cache_estimate(model, num_loops, tokens, mode="full", batch=1):
+def cache_estimate(model, num_loops, tokens, mode="full", batch=1, dtype_bytes=None):
     """The bytes cache_nbytes will count once a cache of new_cache's layout holds `tokens` tokens (K and V of every
-    attention application, in the parameters' dtype): sample.py says it, and refuses past free memory, before a run."""
-    cfg, dtype_bytes = model.config, next(model.parameters()).element_size()
+    attention application, in the parameters' dtype unless dtype_bytes, an autocast's, says otherwise): sample.py
+    says it, and refuses past free memory, before a run."""
+    cfg, dtype_bytes = model.config, dtype_bytes or next(model.parameters()).element_size()
     kv = 2 * batch * tokens * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * dtype_bytes  # K and V of one application
     return kv * (len(model.prelude) + len(model.coda) + len(model.core) * (num_loops if mode == "full" else 1))
 

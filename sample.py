@@ -129,7 +129,8 @@ exit_cache = exit_cache or ("compute" if model.config.readout_q >= 0 else "copy"
 
 
 def free_memory():
-    """Bytes the cache can still take: free GPU memory, else the system's MemAvailable (None where unknown)."""
+    """Bytes the cache can still take: free GPU memory, else the system's MemAvailable (Linux; a cgroup's limit is not
+    read). None where unknown (macOS, MPS): then nothing is refused."""
     if str(device).startswith("cuda"):
         return torch.cuda.mem_get_info(device)[0]
     try:
@@ -157,22 +158,25 @@ except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 # a deep loop runs the core depth times per token and keeps a cache entry per step: say what that costs, first
 tokens = min(len(ids) + max_new_tokens, block_size)
-need = decode.cache_estimate(model, depth, tokens, cache) if use_cache else 0
-seconds, timed = 0, []
-if depth > 4 * model.config.mean_recurrence:  # far past training: time what a loop step costs here
-    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
-        for T in (1, 1, 9):  # one token at depths 1 and 9 (the first call warms up): a step's cost and the rest's
-            t0 = time.time()
-            model(torch.tensor([ids[-1:]], device=device), num_loops=T)
-            timed.append(time.time() - t0)
-    per_step = max(timed[2] - timed[1], 0) / 8
-    forwards = max_new_tokens + (len(ids) if use_cache else max_new_tokens * tokens / 2)  # token forwards, roughly
-    seconds = (timed[1] + per_step * (depth - 1)) * forwards
+autocast = getattr(torch, dtype).itemsize if dtype != "float32" else None  # K and V are then in its dtype
+need = decode.cache_estimate(model, depth, tokens, cache, dtype_bytes=autocast) if use_cache else 0
 free = free_memory()
 if need and free is not None and need > free:
     raise SystemExit(f"error: num_loops={depth} needs a KV cache of {need / 2**30:,.1f} GiB for {tokens} tokens "
                      f"({cache}), more than the {free / 2**30:,.1f} GiB free: lower num_loops or max_new_tokens, use "
                      f"--cache=last, or --use_cache=False (slower, no cache)")
+seconds, timed = 0, []
+if depth > 4 * model.config.mean_recurrence:  # far past training: time what a loop step costs here
+    with torch.no_grad(), ctx, torch.random.fork_rng(devices=[device] if device.startswith("cuda") else []):
+        for T in (1, 1, 9):  # one token at depths 1 and 9 (the first call warms up): a step's cost and the rest's
+            t0 = time.time()
+            model(torch.tensor([ids[-1:]], device=device), num_loops=T)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            timed.append(time.time() - t0)
+    per_step = max(timed[2] - timed[1], 0) / 8
+    forwards = max_new_tokens + (1 if use_cache else max_new_tokens * tokens / 2)  # one-token forwards, roughly
+    seconds = (timed[1] + per_step * (depth - 1)) * forwards
 if need > 2**30 or seconds > 60:
     print(f"depth {depth}: the KV cache reaches {need / 2**30:,.2f} GiB ({cache}) at {tokens} tokens" + (
           f"; about {seconds / 60:,.1f} min a sample (a loop step of one token took {1000 * per_step:.2f} ms here)"

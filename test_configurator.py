@@ -116,3 +116,11 @@ def test_nanogpts_names_point_at_ours(key, words):
         configure(s, [f"--{key}=1"])
     assert f"nanoGPT's {key} is" in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
     assert "train_gate" not in str(e.value)  # what difflib would have suggested for learning_rate
+
+
+def test_given_records_where_each_key_was_set_and_the_command_line_stays(tmp_path):
+    cfg = tmp_path / "c.py"
+    cfg.write_text("max_iters = 7\nmuon_lr = 0.5\n")
+    s, given = settings(), {}
+    configure(s, ["--max_iters=5", str(cfg)], given=given)  # a file after the flag still sets its value ...
+    assert s["max_iters"] == 7 and given == {"max_iters": "command line", "muon_lr": str(cfg)}  # ... not its source

@@ -1060,3 +1060,11 @@ def test_readout_at_q_reads_each_token_at_its_q_exit_step():
     model.forward_cached(idx[:, :-1], cache, 4)
     last, steps = model.forward_cached(idx[:, -1:], cache, 4)
     assert torch.allclose(last, at[:, -1], rtol=1e-9, atol=1e-10) and torch.equal(steps - 1, model.last_exit_step[:, -1])
+
+
+def test_q_exit_sums_of_no_thresholds_is_empty():
+    import decode
+    ce, z = torch.rand(4, 2, 3), torch.randn(4, 2, 3)
+    out = decode.q_exit_sums(ce, z, torch.ones(2, 3, dtype=torch.bool), ())  # --exit_thresholds=() is allowed
+    assert out.shape == (0,) and out.dtype == torch.float64
+    assert decode.q_exit_sums(ce, z, torch.ones(2, 3, dtype=torch.bool), (1.0,))[1] == 4 * 6  # q = 1: every step

@@ -300,12 +300,13 @@ def test_a_model_flag_on_resume_leaves_the_saved_settings_the_models(tmp_path, t
     args, src = trained
     out = tmp_path / "out"
     shutil.copytree(src, out)
-    r = train(*args, f"--out_dir={out}", "--max_iters=3", "--init_from=resume", "--n_embd=64")
+    r = train(*args, f"--out_dir={out}", "--max_iters=3", "--init_from=resume", "--n_embd=64", "--block_size=16")
     assert "using the checkpoint's model settings" in r.stdout and "n_embd" in r.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["model_args"]["n_embd"] == 32 and ckpt["config"]["n_embd"] == 32  # not the flag's 64
-    r = train(*args, f"--out_dir={out}", "--max_iters=4", "--init_from=resume")  # a later run: no difference to warn of
-    assert "using the checkpoint's model settings" not in r.stdout
+    assert ckpt["model_args"]["block_size"] == 32 and ckpt["config"]["block_size"] == 16  # the rows it trained on
+    r = train(*args, f"--out_dir={out}", "--max_iters=4", "--init_from=resume", "--block_size=16")
+    assert "n_embd" not in r.stdout  # a later run: no n_embd difference to warn of
 
 
 def test_eval_at_start_off_and_save_interval(tmp_path, data):

@@ -311,7 +311,8 @@ try:
         iter_num, data_pos = ckpt.get("iter_num", 0), list(ckpt.get("data_pos", data_pos))
 except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint that does not fit this model.py
     raise SystemExit(f"error: {e}") from None
-settings.update({k: v for k, v in asdict(model.config).items() if k in settings})  # the saved settings: this model's
+# the saved settings describe this model (block_size stays the run's: its rows may be shorter than the model's)
+settings.update({k: v for k, v in asdict(model.config).items() if k in settings and k != "block_size"})
 if task and (model.config.vocab_size != tasks.vocab_size(task_mod) or block_size > model.config.block_size):
     raise SystemExit(f"error: {ckpt_path} holds a model of vocab_size {model.config.vocab_size} and block_size "
                      f"{model.config.block_size}; task_mod={task_mod} needs vocab_size {tasks.vocab_size(task_mod)} and "
