@@ -53,7 +53,7 @@ cpu_full = False          # on CPU keep the config's shapes instead of shrinking
 # -----------------------------------------------------------------------------
 bools = {k for k, v in globals().items() if isinstance(v, bool)}
 argv = [a + "=True" if a.startswith("--") and a[2:] in bools else a for a in sys.argv[1:]]  # bare --compare
-given = set()  # the keys a config file or the command line set
+given = {}  # the keys a config file or the command line set, and where
 try:
     configure(globals(), argv, given=given)
 except ValueError as e:

@@ -137,7 +137,7 @@ def configure(settings, argv, config_files=True, given=None):
     """Override the keys of settings (a script's globals) from config files and --key=value args.
     Returns the set of keys given on the command line (they outrank a resumed checkpoint's settings).
     config_files=False: a script that reads a run's checkpoint (its settings are in it) takes --key=value only.
-    given: a set (or a dict) that receives every key a config file or the command line set, and where ("command line" or the
+    given: a dict that receives every key a config file or the command line set, and where ("command line" or the
     file): a release's model settings must not be contradicted, and a resumed run names a file it overrides (train.py)."""
     # the settings: lower-case literals; not the modules, functions and CONSTANTS among the globals
     known = [k for k, v in settings.items() if not k.startswith("_") and not k.isupper()
@@ -152,10 +152,8 @@ def configure(settings, argv, config_files=True, given=None):
             raise ValueError(f"unknown config key {key!r} ({where}): " +
                              (f"did you mean {close[0]}?" if close else f"python {script} --help lists every setting"))
         settings[key] = _coerce(key, value, settings[key])
-        if isinstance(given, dict):  # the command line stays the command line's, whatever a later file sets
+        if given is not None:  # the command line stays the command line's, whatever a later file sets
             given[key] = "command line" if given.get(key) == "command line" else where
-        elif given is not None:
-            given.add(key)
 
     on_command_line = set()
     for arg in argv:

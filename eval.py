@@ -310,7 +310,7 @@ exit_thresholds = (0.5, 0.9)     # a gated model's val (Ouro): the loss at each 
 
 
 def main(argv):
-    given = set()
+    given = {}
     configure(globals(), argv, config_files=False, given=given)  # the run's settings are in its checkpoint
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     for ok, why in ((names, "tasks is empty"),

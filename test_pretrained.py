@@ -266,18 +266,8 @@ def P_edit(folder, edit):
     torch.save(sd, path)
 
 
-def parcae_copy(tmp_path, config=None, raw=None):
-    folder = tmp_path / "parcae"
-    shutil.copytree(PARCAE, folder)
-    if config is not None:
-        with open(folder / "config.json") as f:
-            c = json.load(f)
-        config(c)
-        with open(folder / "config.json", "w") as f:
-            json.dump(c, f)
-    if raw is not None:
-        raw(str(folder))
-    return str(folder)
+def parcae_copy(tmp_path, **edits):
+    return edited_copy(tmp_path, src=PARCAE, **edits)
 
 
 @pytest.mark.parametrize("case", sorted(PBAD))
@@ -453,23 +443,8 @@ OBAD = {
 }
 
 
-def ouro_copy(tmp_path, config=None, tensors=None, raw=None):
-    folder = tmp_path / "ouro"
-    shutil.copytree(OURO, folder)
-    if config is not None:
-        with open(folder / "config.json") as f:
-            c = json.load(f)
-        config(c)
-        with open(folder / "config.json", "w") as f:
-            json.dump(c, f)
-    if tensors is not None:
-        from safetensors.torch import load_file, save_file
-        sd = load_file(folder / "model.safetensors")
-        tensors(sd)
-        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
-    if raw is not None:
-        raw(str(folder))
-    return str(folder)
+def ouro_copy(tmp_path, **edits):
+    return edited_copy(tmp_path, src=OURO, **edits)
 
 
 @pytest.mark.parametrize("case", sorted(OBAD))
@@ -567,17 +542,19 @@ def test_a_config_of_no_known_family_is_named_not_guessed():
 
 
 # bad input: one line naming the culprit, nothing loaded --------------------------------------------------------
-def edited_copy(tmp_path, tensors=None, config=None, raw=None):
-    """A copy of the LoopLM fixture with its tensors or config edited."""
+def edited_copy(tmp_path, tensors=None, config=None, raw=None, src=LOOPLM):
+    """A copy of a fixture (LoopLM's unless src) with its safetensors tensors, its config or its raw files edited."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
-    folder = tmp_path / "release"
-    shutil.copytree(LOOPLM, folder)
+    folder = tmp_path / os.path.basename(src)
+    shutil.copytree(src, folder)
     if tensors is not None:
-        sd = load_file(os.path.join(LOOPLM, "model.safetensors"))
+        weights = os.path.join(src, "model.safetensors")
+        sd = load_file(weights)
         tensors(sd)
-        save_file(sd, folder / "model.safetensors")
+        save_file(sd, folder / "model.safetensors", metadata=safe_open(weights, "pt").metadata())  # as the file had it
     if config is not None:
-        with open(os.path.join(LOOPLM, "config.json")) as f:
+        with open(os.path.join(src, "config.json")) as f:
             c = json.load(f)
         config(c)
         with open(folder / "config.json", "w") as f:

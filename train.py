@@ -345,7 +345,8 @@ runs = [] if ckpt is None else list(ckpt.get("runs", []))  # the records of the 
 tokenizer = None if task else release.tokenizer_spec if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
 del ckpt
 try:  # the shards must be in the model's tokenizer: prepare_fineweb.py leaves a release's tokenizer.json beside them
-    None if task else pretrained.check_shards_tokenizer(data_dir, tokenizer, init_from if release else "gpt2")
+    if not task:
+        pretrained.check_shards_tokenizer(data_dir, tokenizer, init_from if release else "gpt2")
 except ValueError as e:
     raise SystemExit(f"error: {e}") from None
 for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
