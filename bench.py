@@ -19,9 +19,9 @@ OMP_NUM_THREADS=1 gives far steadier timings.
 import os
 import sys
 
-from configurator import exit_on_help, script_settings
+from configurator import MODEL, exit_on_help, script_settings
 TRAIN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")  # its settings are accepted here too
-exit_on_help(__file__, sys.argv[1:], also=(TRAIN,))  # before importing torch: --help answers at once
+exit_on_help(__file__, sys.argv[1:], also=(TRAIN, MODEL))  # before importing torch: --help answers at once
 
 import ast
 import dataclasses
@@ -38,7 +38,8 @@ from model import GPT, GPTConfig
 
 
 # -----------------------------------------------------------------------------
-globals().update({name: ast.literal_eval(default) for name, default, _, _ in script_settings(TRAIN)})
+globals().update({name: ast.literal_eval(default)  # train.py's settings, its model's GPTConfig's (block_size: train.py's)
+                 for name, default, _, _ in script_settings(*MODEL) + script_settings(TRAIN)})
 steps = 10                # timed training steps
 warmup = 3                # untimed training steps first (compilation, allocator)
 compare = False           # also run the fixed-depth baseline with the same blocks

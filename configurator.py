@@ -10,11 +10,12 @@ prompt "1984"); any other value is a Python literal (--max_iters=100, --eval_loo
 word as a str. An unknown key or a value of the wrong type is an error that names the key.
 
 load_checkpoint() reads and checks a checkpoint written by train.py, for every script that loads one;
-save_checkpoint(), restore_state() and trim_log() are train.py's side of the same files. (A little over
-400 lines: it is every script's shared ground, settings, device and checkpoints, and splitting it would give
-each script one more import to follow.)
+save_checkpoint(), restore_state(), rng_states() and trim_log() are train.py's side of the same files;
+user_errors() turns a ValueError into one line. (About 460 lines: it is every script's shared ground,
+settings, device and checkpoints, and splitting it would give each script one more import to follow.)
 """
 import ast
+import contextlib
 import difflib
 import io
 import os
@@ -22,11 +23,12 @@ import tokenize
 import traceback
 
 
-def script_settings(path):
+def script_settings(path, cls=None):
     """[(name, default's source text, comment, heading)] of a script's settings: its top-level `name = literal`
     assignments before its first try: or configure() call. comment: the # text on the same line, with the indented
     comment-only lines right below it that continue it; heading: a comment-only line just above it (a section
-    title) or None. Read from the source text: no imports needed."""
+    title) or None. cls: the fields of that class instead (model.py's GPTConfig: train.py's model settings).
+    Read from the source text: no imports needed."""
     with open(path) as f:
         src = f.read()
     lines = src.splitlines()
@@ -34,8 +36,13 @@ def script_settings(path):
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
             comments[tok.start[0]] = (tok.string.lstrip("#").strip(), tok.start[1] == 0)  # a top-level comment line
-    settings, last = [], 0
-    for node in ast.parse(src, path).body:
+    settings, last, body = [], 0, ast.parse(src, path).body
+    if cls:
+        body = [n for n in body if isinstance(n, ast.ClassDef) and n.name == cls][0].body
+        last = body[0].lineno - 1
+    for node in body:
+        if isinstance(node, ast.AnnAssign) and node.value is not None:  # a dataclass field: name: type = default
+            node = ast.Assign(targets=[node.target], value=node.value, lineno=node.lineno)
         if isinstance(node, ast.Try) or "configure(" in (ast.get_source_segment(src, node) or "").split("\n")[0]:
             break  # everything after this is the script, not settings
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -58,16 +65,21 @@ def script_settings(path):
 
 def exit_on_help(path, argv, also=()):
     """-h/--help: print the script's docstring and every setting with its default and comment, then exit 0.
-    also: other scripts whose settings this one accepts too. Reads only source text: call it before
-    importing torch, and help comes at once."""
+    also: other scripts whose settings this one accepts too, or (path, class) for a class's fields (MODEL:
+    GPTConfig's), less the fields listed above it. Reads only source text: call it before importing
+    torch, and help comes at once."""
     if not {"-h", "--help"} & set(argv):
         return
     with open(path) as f:
         lines = [(ast.get_docstring(ast.parse(f.read())) or "").strip(), ""]
-    for p in (path, *also):
-        whose = os.path.basename(p) + (", accepted here too" if p != path else "")
+    listed = set()
+    for p, cls in [(path, None), *((a, None) if isinstance(a, str) else a for a in also)]:
+        whose = f"{os.path.basename(p)}{f' {cls}' if cls else ''}{', accepted here too' if p != path else ''}"
         lines.append(f"settings of {whose} (--key=value, or `key = value` in a config file):")
-        for name, default, comment, heading in script_settings(p):
+        for name, default, comment, heading in script_settings(p, cls):
+            if cls and name in listed:
+                continue  # a field the script sets itself (train.py's block_size): its line, not the class's
+            listed.add(name)
             if heading:
                 lines.append(f"  # {heading}")
             lines.append((f"  {name} = {default}".ljust(34) + (f" # {comment}" if comment else "")).rstrip())
@@ -77,6 +89,8 @@ def exit_on_help(path, argv, also=()):
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     raise SystemExit(0)
 
+
+MODEL = (os.path.join(os.path.dirname(os.path.abspath(__file__)), "model.py"), "GPTConfig")  # the model's settings
 
 # nanoGPT's names for what is called otherwise here: an unknown key that is one of these says where it went
 NANOGPT = {"learning_rate": ("muon_lr", "muon_lr (Muon, the block matrices) and adam_lr (AdamW, the rest)"),
@@ -193,6 +207,16 @@ def configure(settings, argv, config_files=True, given=None):
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__spec__"):
                     assign(key, value, arg)
     return on_command_line
+
+
+@contextlib.contextmanager
+def user_errors(*kinds):
+    """Inside it a ValueError (or one of kinds) is the user's: a bad setting, file or checkpoint, said in one line
+    (error: ...) with exit status 1 and no traceback. The scripts' setup runs in these."""
+    try:
+        yield
+    except (ValueError, *kinds) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def check_device(device, dtype):
@@ -319,6 +343,17 @@ def save_checkpoint(ckpt, path):
     os.replace(tmp, path)
 
 
+def rng_states(ddp, world, cuda):
+    """Every rank's RNG states, for a checkpoint (a collective: every rank calls it); a resume restores each its own."""
+    import torch
+    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if cuda else {})}
+    if not ddp:
+        return [rng]
+    rngs = [None] * world
+    torch.distributed.all_gather_object(rngs, rng)
+    return rngs
+
+
 def restore_state(ckpt, path, optimizers, rank, cuda, optimizer=True):
     """A resumed run's optimizer states (optimizer=False: a new optimizer, Stage II's first step) and this rank's
     RNG, so its depth and h0 draws continue where they stopped; what does not fit is one ValueError line."""
@@ -420,3 +455,11 @@ def fit_saturating_exp(T, L):
         if best is None or rms < best[-1]:
             best = (coef[0], coef[1], z, rms)
     return best
+
+
+def fit_line(losses):
+    """train.py --eval_only's last line: the fit of {T: loss} (3 depths or more), and what an edge of its z range means."""
+    L_inf, Z, z, rms = fit_saturating_exp(list(losses), list(losses.values()))
+    edge = (" (z at the bottom of its search range: these losses do not level off with depth)" if z <= 1.1e-3 else
+            " (z at the top of its search range: the loss settles within a step or two)" if z >= 9.9 else "")
+    return f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}{edge}"

@@ -24,13 +24,15 @@ ending with the lowest summed loss, acc_norm the lowest mean loss per token. Cha
 LAMBADA: the target is the last space-separated word; acc = greedy decoding reproduces all of its
 tokens given the text before it; ppl = exp(mean loss of the target tokens).
 The model runs in eval mode (no depth sampling, initial state 0 unless --eval_state=random), so a
-score is a function of the checkpoint and the depth only. (A little over 400 lines: each task's reading,
+score is a function of the checkpoint and the depth only. train.py's own evaluation, val_by_depth (every rank's
+share, the loop state, the Q-exit sums), is here too, beside score_val. (About 480 lines: each task's reading,
 download and scoring are kept beside the batched scorer they share.)
 """
 import sys
 
 from configurator import exit_on_help
-exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
+if __name__ == "__main__":  # (train.py imports val_by_depth from here)
+    exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
 
 import glob
 import json
@@ -41,6 +43,7 @@ from contextlib import nullcontext
 
 import requests
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -48,6 +51,7 @@ import decode
 import numpy as np
 import pretrained
 from configurator import check_device, configure, load_checkpoint, model_from_checkpoint, run_record
+from model import exit_summary
 from prepare_fineweb import fetch, open_shard
 
 URLS = {"hellaswag": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
@@ -252,6 +256,51 @@ def score_val(model, tokens, num_loops, rows_per_batch, token_bytes, device="cpu
         if bar is not None:
             bar.update(r * block)
     return nats / count, nats_with_bytes / (math.log(2) * nbytes) if nbytes else float("nan")
+
+
+@torch.no_grad()
+def val_by_depth(model, val, n_rows, block_size, batch_size, depths, token_bytes, device, ctx=nullcontext(), exit_qs=(),
+                 rank=0, world=1, bar=False):
+    """train.py's evaluation: val loss (nats per token) and bits per byte on the first n_rows rows of block_size of
+    val (a token array) at every depth, and the loop state there (RMS of h_T, last step's relative residual): does
+    it settle, drift or blow up past the training depth? bpb leaves out targets with no bytes (<|endoftext|>, padded
+    ids). This rank takes batches rank, rank + world ...; the sums are over every rank's. A gated model at T_max also
+    gives, for each q in exit_qs, the mean CE at each token's Q-exit step and that step, then H(p) and E[t]."""
+    cfg = model.config
+    losses, bpbs, states = {}, {}, {}
+    exit_sums = torch.zeros(2 * len(exit_qs) + 3, device=device, dtype=torch.float64)
+    n = block_size * batch_size
+    sum_dtype = torch.float32 if str(device).startswith("mps") else torch.float64  # byte counts pass 2^24 in fp32
+    batches = range(rank * batch_size, n_rows, world * batch_size)
+    bar = tqdm(total=len(depths) * len(batches), desc="eval", unit="batch", disable=None if bar else True)
+    for T in depths:  # an eval_only sweep may go deep: a bar on a terminal, with the time left
+        total = torch.zeros(4, device=device)  # sums over batches: loss, 1, state rms, residual
+        nats_bytes = torch.zeros(2, device=device, dtype=sum_dtype)  # nats of targets with bytes, their bytes
+        for b in batches:
+            bar.update()
+            buf = torch.from_numpy(val[b * block_size:b * block_size + n + 1].astype(np.int64)).to(device)
+            y = buf[1:].view(batch_size, block_size)
+            with ctx:
+                logits, loss = model(buf[:-1].view(batch_size, block_size), y, num_loops=T,
+                                     every_step=T == cfg.mean_recurrence)  # a gate's Q-exit table: at T_max only
+            total += torch.stack([loss.float(), torch.ones((), device=device), *(t.mean() for t in model.last_state)])
+            if cfg.exit_gate and T == cfg.mean_recurrence:  # the gate's distribution over the T_max steps
+                (ce, z), valid = model.last_exit, y >= 0
+                exit_sums += torch.cat([decode.q_exit_sums(ce, z, valid, exit_qs), torch.stack(
+                    [*(exit_summary(ce, z, valid)[-2:] * valid.sum()), valid.sum()]).double()])
+            nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+            nbytes = token_bytes[y.flatten()]
+            nats_bytes += torch.stack([(nll * (nbytes > 0)).sum().to(sum_dtype), nbytes.sum().to(sum_dtype)])
+        if world > 1:
+            dist.all_reduce(total)
+            dist.all_reduce(nats_bytes)
+        losses[T] = (total[0] / total[1]).item()
+        states[T] = (total[2:] / total[1]).tolist()
+        bpbs[T] = (nats_bytes[0] / (math.log(2) * nats_bytes[1])).item() if nats_bytes[1] > 0 else float("nan")
+    bar.close()
+    if world > 1:
+        dist.all_reduce(exit_sums)
+    return losses, bpbs, states, (exit_sums[:-1] / exit_sums[-1]).tolist() if cfg.exit_gate else None
 
 
 def hellaswag_metrics(items, scores):

@@ -61,11 +61,11 @@ class GPTConfig:
     n_prelude: int = 2             # blocks run once before the loop
     n_core: int = 2                # blocks run T times inside the loop, shared weights
     n_coda: int = 2                # blocks run once after the loop
-    injection: str = "diagonal"    # "add" | "concat" | "diagonal" | "none", see the docstring
+    injection: str = "diagonal"    # how e enters the loop: "add" (naive) | "concat" (RDM) | "diagonal" (Parcae) | "none" (Ouro)
     prelude_norm: bool = True      # RMSNorm on the prelude output before it is injected
     mean_recurrence: int = 8       # mu_rec: mean loop depth in training, the depth at eval
     backprop_depth: int = 4        # mu_bwd: gradient flows through the last min(T, mu_bwd) steps
-    depth_sampling: str = "sequence"  # "sequence" (Parcae) | "batch" (Huginn) | "fixed"
+    depth_sampling: str = "sequence"  # "sequence" (Parcae: a depth per sequence) | "batch" (Huginn: one per batch) | "fixed"
     state_init: str = "random"     # h0 in training: "random" (TruncN(0, sqrt(2/(5d)), +-3 std), Parcae), "normal" (0.02 N(0, 1), LoopLM), "zero"
     eval_state: str = "zero"       # h0 in eval and sampling: "zero" (deterministic) or "random" (drawn as in training, as the releases do)
     rope_base: float = 10000.0     # rotary embedding base

@@ -23,7 +23,7 @@ Shard format: 1024-byte header of 256 little-endian int32 (magic 20240520, versi
 token count), then the uint16 tokens. Every document starts with <|endoftext|> (50256).
 
 Why one file of this size: the shard format has one writer and one reader, and both are here (train.py
-reads with open_split and read_batch), with the three ways to make shards: download, your text, the sample.
+reads with open_data and read_batch), with the three ways to make shards: download, your text, the sample.
 """
 
 import argparse
@@ -114,6 +114,28 @@ def open_split(data_dir, split):
     except ValueError as e:
         raise ValueError(f"bad shard: {e}") from None
 
+
+
+def open_data(data_dir, batch_size, block_size, world, val_tokens, train=True):
+    """train.py's text: (train shards, the val tokens, the val rows every evaluation reads: the first val_tokens in
+    whole batches of every rank), each checked to hold one micro-batch of every rank; a ValueError says what to lower."""
+    need = batch_size * block_size * world
+    smaller = (f"batch_size * block_size * processes + 1 = {batch_size} * {block_size} * {world} + 1 = {need + 1}: lower "
+               f"batch_size or block_size (total_batch_size with them), run fewer processes, or prepare more text")
+    train_shards = open_split(data_dir, "train") if train else []
+    short = min(train_shards, key=len, default=None)
+    if short is not None and len(short) < need + 1:  # +1: the last target
+        where = getattr(short, "filename", None) or f"in {data_dir}"  # an empty shard is no memmap: no name
+        raise ValueError(f"a train shard {where} holds {len(short)} tokens, fewer than one micro-batch needs, {smaller}")
+    val = np.concatenate(open_split(data_dir, "val"))
+    val_seqs = min(val_tokens, len(val) - 1) // need * batch_size * world
+    if val_seqs == 0 and val_tokens < need:
+        raise ValueError(f"val_tokens={val_tokens} is less than one batch of every rank, "
+                         f"batch_size * block_size * processes = {need}: raise val_tokens")
+    if val_seqs == 0:
+        raise ValueError(f"the val shards in {data_dir} hold {len(val)} tokens, fewer than one batch of every rank "
+                         f"needs, {smaller}")
+    return train_shards, val, val_seqs
 
 def read_batch(shards, pos, batch_size, block_size, rank=0, world=1):
     """The next global micro-batch of world * batch_size sequences, read sequentially from pos =

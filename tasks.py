@@ -26,6 +26,7 @@ eval_seed is refused, since its first training batch would be the id set.
 """
 import numpy as np
 import torch
+import torch.distributed as dist
 
 PAD, BOS, SEP, DIGIT0 = 0, 1, 2, 3
 TASKS = ("parity",)
@@ -35,8 +36,8 @@ def vocab_size(mod):
     return DIGIT0 + mod
 
 
-def check(task, mod, train_len, long_len, row_len, seed=1337, eval_rows=1, eval_seed=0):
-    """A one-line ValueError for settings that cannot make a task."""
+def check(task, mod, train_len, long_len, row_len, seed=1337, eval_rows=1, eval_seed=0, vocab=None):
+    """A one-line ValueError for settings that cannot make a task; vocab: a vocab_size given (it follows the task)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}: choose from {list(TASKS)} (or '' for token shards)")
     if type(mod) is not int or mod < 2:
@@ -53,6 +54,9 @@ def check(task, mod, train_len, long_len, row_len, seed=1337, eval_rows=1, eval_
     if seed == eval_seed:
         raise ValueError(f"seed={seed} is task_eval_seed: the first training batch would be the id eval set; "
                          f"choose another seed or task_eval_seed")
+    if vocab is not None and vocab != vocab_size(mod):
+        raise ValueError(f"vocab_size follows the task: task_mod={mod} needs {vocab_size(mod)} tokens (PAD, BOS, SEP "
+                         f"and {mod} digits), got --vocab_size={vocab}")
 
 
 def make_rows(rng, n, row_len, lens, mod, pad):
@@ -134,12 +138,12 @@ def score(x, y, pred, bucket_list):
 
 
 @torch.no_grad()
-def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world=1, all_reduce=None):
+def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world=1):
     """{set: {T: result}} for each eval set (x, y) at each loop depth T: the loss on the labelled digits, the
     accuracy per digit by position bucket, whole segments right, and the loop
     state (RMS of h_T, last step's relative residual) averaged over rows. This rank takes chunks rank, rank +
-    world ...; all_reduce (returns the sum over ranks of a CPU tensor) makes every rank's result the whole
-    set's. Accuracies with no digit to count (the id set past the training lengths) are None."""
+    world ...; with world > 1 (torchrun) the sums over ranks make every rank's result the whole set's.
+    Accuracies with no digit to count (the id set past the training lengths) are None."""
     out = {name: {} for name in sets}
     for T in depths:
         for name, (x, y) in sets.items():
@@ -154,8 +158,10 @@ def evaluate(model, sets, depths, bucket_list, chunk, device, ctx, rank=0, world
                 sums += torch.tensor([loss.item() * digits, digits, rms.double().sum().item(),
                                       residual.double().sum().item(), len(xb)], dtype=torch.float64)
                 counts += score(xb.cpu(), yb.cpu(), logits.argmax(-1).cpu(), bucket_list)
-            if all_reduce is not None:
-                both = all_reduce(torch.cat([counts.flatten(), sums]))
+            if world > 1:  # through the device: NCCL reduces only GPU tensors
+                both = torch.cat([counts.flatten(), sums]).to(device)
+                dist.all_reduce(both)
+                both = both.cpu()
                 counts, sums = both[:counts.numel()].view_as(counts), both[counts.numel():]
             acc = [c / n if n else None for c, n in counts.tolist()]  # None, not NaN: log.jsonl stays strict JSON
             nats, digits, rms_sum, residual_sum, rows = sums.tolist()

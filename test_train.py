@@ -121,6 +121,21 @@ def test_help_lists_every_setting_before_importing_torch(script, flag):
     assert any(l.startswith("  overwrite = False ") and "replace" in l for l in lines) == (script != "sample.py")
 
 
+@pytest.mark.parametrize("script", ["train.py", "bench.py"])
+def test_help_lists_every_model_setting_once(script):
+    """train.py's model settings are GPTConfig's fields (model.py), not a copy of them: --help lists each once, with
+    its default and comment there (block_size once, as train.py's sequence length)."""
+    from model import GPTConfig
+    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    src = open(os.path.join(ROOT, "model.py")).read().split("class GPTConfig:")[1].split("def __post_init__")[0]
+    found = re.findall(r"^    (\w+): \w+ = (\S+) +# (.*)$", src, re.M)
+    assert [name for name, _, _ in found] == list(GPTConfig.__dataclass_fields__)
+    for name, default, comment in found:
+        hits = [l for l in r.stdout.splitlines() if l.split()[:3] == [name, "=", default]]
+        assert len(hits) == 1 and (name == "block_size" or hits[0].endswith("# " + comment.strip())), (name, hits)
+    assert "settings of model.py GPTConfig" in r.stdout
+
+
 @pytest.mark.parametrize("args,fix", [(["--total_batch_size=1000"], "set --total_batch_size=1024"),
                                       (["--batch_size=3"], "set --total_batch_size=192 or --batch_size=2")])
 def test_batch_size_error_names_a_value_that_works(tmp_path, args, fix):

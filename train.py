@@ -25,8 +25,8 @@ Training appends its records to out_dir/log.jsonl; an --eval_only=True run appen
 """
 import sys
 
-from configurator import exit_on_help
-exit_on_help(__file__, sys.argv[1:])  # before importing torch: --help answers at once
+from configurator import MODEL, exit_on_help
+exit_on_help(__file__, sys.argv[1:], also=(MODEL,))  # before importing torch: --help answers at once
 
 import difflib
 import importlib.util
@@ -38,20 +38,19 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from configurator import (check_device, check_stages, configure, datasheet_peak, fit_saturating_exp, flat,
-                          load_checkpoint, model_from_checkpoint, restore_state, resume_settings, run_record,
-                          save_checkpoint, trim_log)
+from configurator import (check_device, check_stages, configure, datasheet_peak, fit_line, flat, load_checkpoint,
+                          model_from_checkpoint, restore_state, resume_settings, rng_states, run_record,
+                          save_checkpoint, trim_log, user_errors)
 import decode
 import pretrained
 import tasks
+from eval import val_by_depth
 from model import GPT, GPTConfig, exit_summary
-from prepare_fineweb import open_split, read_batch
+from prepare_fineweb import open_data, read_batch
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -78,35 +77,8 @@ task_eval_seed = 0               # the eval sets' seed: the same sets in every r
 batch_size = 16                  # micro-batch, sequences per device
 block_size = 1024                # sequence length
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation makes up the rest
-# model (GPTConfig fields)
-vocab_size = 50304               # GPT-2's 50257 tokens padded to a multiple of 64
-n_embd = 768                     # model width d
-n_head = 12                      # query heads
-n_kv_head = 12                   # key/value heads (grouped-query attention; divides n_head)
-n_prelude = 2                    # blocks run once before the loop
-n_core = 2                       # blocks in the loop, the same weights at every step
-n_coda = 2                       # blocks run once after the loop
-injection = "diagonal"           # how the input enters the loop: "add" (naive), "concat" (RDM), "diagonal" (Parcae), "none" (Ouro)
-prelude_norm = True              # RMSNorm the prelude output before injecting it (Parcae)
-mean_recurrence = 8              # mean loop depth T in training; the depth of eval and sampling
-backprop_depth = 4               # backpropagate through the last this many loop steps
-depth_sampling = "sequence"      # "sequence" (Parcae: a depth per sequence), "batch" (RDM), "fixed"
-state_init = "random"            # initial loop state h0 in training: "random", "normal" (0.02 N(0, 1), LoopLM's) or "zero"
-eval_state = "zero"              # h0 in evaluation: "zero", or "random" (drawn as in training, as the releases do)
-rope_base = 10000.0              # rotary embedding base
-mlp = "relu2"                    # "relu2" | "swiglu" (LoopLM's)
-mlp_hidden = 0                   # MLP hidden size; 0 = 4 * n_embd (relu2 only)
-norm_eps = 1e-5                  # eps of every RMSNorm with a gain (LoopLM: 1e-6)
-qk_norm = "plain"                # QK-norm: "plain" (no parameters, Parcae), "gain" (learnable gains, LoopLM) or "none" (Ouro)
-sandwich_norm = False            # Ouro: each branch's output normed too before the residual add
-tie_head = True                  # the output head is the embedding's transpose; False: its own (Ouro)
-final_norm = True                # RMSNorm before the head; False: read straight off loop_norm (Ouro's release)
-readout_q = -1.0                 # a gated model's eval readout: each token at its Q-exit step for this q (Ouro: 1.0); -1: off
-attn_impl = "sdpa"               # "sdpa" (fused kernels) or "eager" (transformers' order, bit for bit)
-value_embeds = False             # Parcae's value embeddings: a token table added to the values of every other layer
-loop_checkpoint = False          # recompute each gradient loop step in backward: activation memory flat in backprop_depth
-loop_norm = False                # RMSNorm after every loop step (Ouro)
-exit_gate = False                # Ouro's learned exit: every step read out, a gate lambda_t per token
+# model: every GPTConfig field in model.py is a setting too (--injection=concat, --n_embd=256; --help lists them)
+globals().update({f.name: f.default for f in fields(GPTConfig) if f.name != "block_size"})
 # Ouro's two training stages (README "Ouro")
 exit_beta = 0.0                  # Stage I: loss = E_p[CE_t] - exit_beta * H(p) over the exit distribution; 0 = off
 train_gate = False               # Stage II: train the exit gate alone (a new AdamW), every other weight frozen
@@ -136,11 +108,9 @@ wandb_project = "nanoloop"       # its project
 wandb_run_name = ""              # its run name; "" = out_dir's last folder name
 # -----------------------------------------------------------------------------
 given = {}  # every key the config file or the command line set: where it was set
-try:
+with user_errors():  # a typo in a key, a value of the wrong type: one line naming it
     cli_keys = configure(globals(), sys.argv[1:], given=given)  # given: {key: the file or "command line"}
-except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
-settings = {k: v for k, v in globals().items() if not k.startswith("_")
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and not k.isupper()
             and isinstance(v, (int, float, bool, str, tuple, type(None)))}  # saved with the checkpoint
 if decay_shape not in ("linear", "cosine"):
     raise SystemExit(f"error: config key 'decay_shape' must be linear or cosine, got {decay_shape!r}")
@@ -154,16 +124,15 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 # take an evaluation of the final weights, made later and perhaps at other depths, for one made in training
 log_path, eval_only_path = os.path.join(out_dir, "log.jsonl"), os.path.join(out_dir, "eval_only.jsonl")
 record_path = eval_only_path if eval_only else log_path
+written_to = f" (eval_only: appended to {record_path})" if eval_only else ""  # said in each evaluation's header
 if init_from != "resume" and not eval_only and os.path.exists(ckpt_path) and not overwrite:
     # a trained model is not replaced by accident: say the three ways on
     raise SystemExit(f"error: {ckpt_path} exists: continue it with --init_from=resume, start elsewhere with "
                      f"--out_dir=..., or replace it and its log.jsonl with --overwrite=True")
 ckpt, from_ckpt, from_file = None, {}, {}
 if init_from == "resume" or eval_only:  # checked before anything else is loaded
-    try:
+    with user_errors():
         ckpt = load_checkpoint(ckpt_path, need=() if eval_only else ("iter_num", "data_pos", "optimizer", "rng"))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
     saved, from_ckpt, from_file = resume_settings(ckpt, settings, given)  # the run's own outrank a config file's
     globals().update(saved)
     settings.update(saved)
@@ -189,27 +158,20 @@ if ckpt_task is not None and task != ckpt_task:  # a text model's batch position
     raise SystemExit(f"error: {ckpt_path} was trained on {f'the {ckpt_task!r} task' if ckpt_task else 'token shards'}, "
                      f"not {f'the {task!r} task' if task else 'token shards'}: drop --task, or use another --out_dir")
 if task:  # checked here, after a checkpoint's settings: a resumed task run keeps its task
-    try:
-        tasks.check(task, task_mod, task_train_len, task_long_len, block_size, seed, task_eval_rows, task_eval_seed)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if "vocab_size" in cli_keys and vocab_size != tasks.vocab_size(task_mod):
-        raise SystemExit(f"error: vocab_size follows the task: task_mod={task_mod} needs {tasks.vocab_size(task_mod)} "
-                         f"tokens (PAD, BOS, SEP and {task_mod} digits), got --vocab_size={vocab_size}")
+    with user_errors():
+        tasks.check(task, task_mod, task_train_len, task_long_len, block_size, seed, task_eval_rows, task_eval_seed,
+                    vocab_size if "vocab_size" in cli_keys else None)
     vocab_size = settings["vocab_size"] = tasks.vocab_size(task_mod)
-why = None if eval_only else check_stages(exit_gate, exit_beta, train_gate, mean_recurrence, backprop_depth,
-                                        init_from, exit_thresholds)  # Ouro's stages: what each needs, said up front
-if why:
+if not eval_only and (why := check_stages(exit_gate, exit_beta, train_gate, mean_recurrence, backprop_depth,
+                                         init_from, exit_thresholds)):  # Ouro's stages: what each needs, said up front
     raise SystemExit(f"error: {why}")
 if wandb_log and importlib.util.find_spec("wandb") is None:  # said before anything is loaded or written
     raise SystemExit("error: wandb_log=True needs the wandb package: pip install wandb")
 model_args = {f.name: globals()[f.name] for f in fields(GPTConfig)}
 
 # distributed setup: one process per device, launched by torchrun
-try:
+with user_errors():
     device, device_type, dtype = check_device(device, dtype)
-except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
 ddp = int(os.environ.get("RANK", -1)) != -1
 if ddp:
     dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
@@ -242,39 +204,13 @@ def log(*args):
         print(*args, flush=True)
 
 
-def shards(split):
-    try:
-        return open_split(data_dir, split)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-
-
-# what to lower when the data is shorter than one micro-batch of every rank (+1: the last target)
-smaller = (f"batch_size * block_size * processes + 1 = {batch_size} * {block_size} * {world} + 1 = "
-           f"{tokens_per_micro + 1}: lower batch_size or block_size (total_batch_size with them), run fewer processes, "
-           f"or prepare more text")
-
-
 # data: train shards read sequentially, the val prefix read once; or a task's batches made on the fly
 if task:
-    train_shards, val = [], None
     task_sets = tasks.eval_sets(task_eval_seed, task_eval_rows, block_size, task_train_len, task_long_len, task_mod)
     task_buckets = tasks.buckets(task_train_len, task_long_len)
 else:
-    train_shards = [] if eval_only else shards("train")
-    short = min(train_shards, key=len, default=None)
-    if short is not None and len(short) < tokens_per_micro + 1:
-        where = getattr(short, "filename", None) or f"in {data_dir}"  # an empty shard is no memmap: no name
-        raise SystemExit(f"error: a train shard {where} holds {len(short)} tokens, fewer than one micro-batch "
-                         f"needs, {smaller}")
-    val = np.concatenate(shards("val"))
-    val_seqs = min(val_tokens, len(val) - 1) // (block_size * batch_size * world) * batch_size * world
-    if val_seqs == 0 and val_tokens < tokens_per_micro:
-        raise SystemExit(f"error: val_tokens={val_tokens} is less than one batch of every rank, "
-                         f"batch_size * block_size * processes = {tokens_per_micro}: raise val_tokens")
-    if val_seqs == 0:
-        raise SystemExit(f"error: the val shards in {data_dir} hold {len(val)} tokens, fewer than one batch of every "
-                         f"rank needs, {smaller}")
+    with user_errors():  # every shard checked, and each split long enough for one batch of every rank
+        train_shards, val, val_seqs = open_data(data_dir, batch_size, block_size, world, val_tokens, not eval_only)
 data_pos = [0, 0]  # (shard, offset) of the next global micro-batch; a task's: (global micro-batches drawn, 0)
 TASK_EVAL_BATCH = max(batch_size, 128)  # rows per forward in a task's evaluation: no gradient, so larger is cheaper
 
@@ -296,7 +232,7 @@ def next_batch():
 
 # model: from scratch or resumed
 iter_num = 0
-try:
+with user_errors(TypeError):  # a bad setting, or a checkpoint that does not fit this model.py
     if release is not None:
         model = release.model()
         log(f"fine-tuning {init_from} ({release.family}, {release.files.weights}): its model settings, this run's training settings")
@@ -309,8 +245,6 @@ try:
             log(f"using the checkpoint's model settings, not the config's: {changed}")
         model = model_from_checkpoint(ckpt, ckpt_path, free)
         iter_num, data_pos = ckpt.get("iter_num", 0), list(ckpt.get("data_pos", data_pos))
-except (TypeError, ValueError) as e:  # a bad setting, or a checkpoint that does not fit this model.py
-    raise SystemExit(f"error: {e}") from None
 # the saved settings describe this model (block_size stays the run's: its rows may be shorter than the model's)
 settings.update({k: v for k, v in asdict(model.config).items() if k in settings and k != "block_size"})
 if task and (model.config.vocab_size != tasks.vocab_size(task_mod) or block_size > model.config.block_size):
@@ -336,19 +270,15 @@ elif ckpt_gate and not eval_only:
                      f"alone; continue it with --train_gate=True, or resume its Stage I checkpoint")
 optimizers = model.configure_optimizers(muon_lr, adam_lr, weight_decay, adam_betas, adam_eps, train_gate and not eval_only)
 if ckpt is not None and not eval_only:  # Stage II starts with a new AdamW: Stage I's state is not used
-    try:
+    with user_errors():
         restore_state(ckpt, ckpt_path, optimizers, rank, device_type == "cuda", not (train_gate and gate_start == iter_num))
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
 runs = [] if ckpt is None else list(ckpt.get("runs", []))  # the records of the runs that made this checkpoint
 # the tokenizer of the text (sample.py and eval.py read it from the checkpoint): a release's, else GPT-2's
 tokenizer = None if task else release.tokenizer_spec if release else ckpt.get("tokenizer", "gpt2") if ckpt else "gpt2"
 del ckpt
-try:  # the shards must be in the model's tokenizer: prepare_fineweb.py leaves a release's tokenizer.json beside them
-    if not task:
+if not task:  # the shards must be in the model's tokenizer: prepare_fineweb.py leaves a release's tokenizer.json beside them
+    with user_errors():
         pretrained.check_shards_tokenizer(data_dir, tokenizer, init_from if release else "gpt2")
-except ValueError as e:
-    raise SystemExit(f"error: {e}") from None
 for opt, peak in zip(optimizers, (adam_lr,) if train_gate else (muon_lr, adam_lr)):
     for group in opt.param_groups:
         group["peak_lr"] = peak  # the schedule scales these; set after loading so a resumed run may change them
@@ -404,74 +334,6 @@ def lr_mult(it):
 token_bytes = None if task else torch.from_numpy(pretrained.make_tokenizer(tokenizer).token_bytes(cfg.vocab_size)).to(device)
 
 
-def q_exit_sums(ce, z, valid):
-    """Sums over the valid tokens of one batch, every T_max step run: for each q in exit_thresholds, the CE at
-    the token's Q-exit step (decode.exit_step: the first whose exit CDF reaches q, else T_max) and that step;
-    then H(p), E[t], the tokens."""
-    count = valid.sum()
-    return torch.cat([decode.q_exit_sums(ce, z, valid, exit_thresholds),
-                      (torch.stack([*(exit_summary(ce, z, valid)[-2:] * count), count])).double()])
-
-
-@torch.no_grad()
-def evaluate():
-    """Val loss (nats per token) and bits per byte on the fixed val prefix at every depth in eval_loops,
-    and the loop state there (RMS of h_T, last step's relative residual): does it settle, drift or blow up
-    past the training depth? bpb leaves out targets with no bytes (<|endoftext|>, padded ids)."""
-    model.eval()
-    losses, bpbs, states = {}, {}, {}
-    exit_sums = torch.zeros(2 * len(exit_thresholds) + 3, device=device, dtype=torch.float64)
-    n = block_size * batch_size
-    sum_dtype = torch.float32 if device_type == "mps" else torch.float64  # byte counts pass 2^24 in fp32
-    batches = range(rank * batch_size, val_seqs, world * batch_size)
-    bar = tqdm(total=len(eval_loops) * len(batches), desc="eval", unit="batch", disable=None if eval_only and master else True)
-    for T in eval_loops:  # an eval_only sweep may go deep: a bar on a terminal, with the time left
-        total = torch.zeros(4, device=device)  # sums over batches: loss, 1, state rms, residual
-        nats_bytes = torch.zeros(2, device=device, dtype=sum_dtype)  # nats of targets with bytes, their bytes
-        for b in batches:
-            bar.update()
-            buf = torch.from_numpy(val[b * block_size:b * block_size + n + 1].astype(np.int64)).to(device)
-            y = buf[1:].view(batch_size, block_size)
-            with ctx:
-                logits, loss = raw_model(buf[:-1].view(batch_size, block_size), y, num_loops=T,
-                                         every_step=T == cfg.mean_recurrence)  # a gate's Q-exit table: at T_max only
-            total += torch.stack([loss.float(), torch.ones((), device=device), *(t.mean() for t in raw_model.last_state)])
-            if cfg.exit_gate and T == cfg.mean_recurrence:  # the gate's distribution over the T_max steps
-                exit_sums += q_exit_sums(*raw_model.last_exit, y >= 0)
-            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-            nbytes = token_bytes[y.flatten()]
-            nats_bytes += torch.stack([(nll * (nbytes > 0)).sum().to(sum_dtype), nbytes.sum().to(sum_dtype)])
-        if ddp:
-            dist.all_reduce(total)
-            dist.all_reduce(nats_bytes)
-        losses[T] = (total[0] / total[1]).item()
-        states[T] = (total[2:] / total[1]).tolist()
-        bpbs[T] = (nats_bytes[0] / (math.log(2) * nats_bytes[1])).item() if nats_bytes[1] > 0 else float("nan")
-    bar.close()
-    if ddp:
-        dist.all_reduce(exit_sums)
-    model.train()
-    return losses, bpbs, states, (exit_sums[:-1] / exit_sums[-1]).tolist() if cfg.exit_gate else None
-
-
-def all_reduce_cpu(t):
-    """Sum a CPU tensor over ranks (through the device: NCCL reduces only GPU tensors)."""
-    t_dev = t.to(device)
-    dist.all_reduce(t_dev)
-    return t_dev.cpu()
-
-
-def report_task_eval():
-    model.eval()  # both eval sets at every depth in eval_loops, this rank's share summed over ranks
-    res = tasks.evaluate(raw_model, task_sets, eval_loops, task_buckets, TASK_EVAL_BATCH, device, ctx, rank, world,
-                         all_reduce=all_reduce_cpu if ddp else None)
-    model.train()
-    log(f"step {iter_num}, {task} mod {task_mod} (chance {1 / task_mod:.3f}): accuracy per labelled digit by its "
-        f"position in the segment, whole segments right, loss on the digits, loop state{written_to()}\n" + tasks.table(res))
-    write_log({"iter": iter_num, **tasks.record(res, task_mod, cfg.mean_recurrence)})
-    return {T: r["loss"] for T, r in res["id"].items()}
-
-
 def write_log(record):
     if master:
         with open(record_path, "a") as f:
@@ -480,40 +342,34 @@ def write_log(record):
             wandb_run.log(flat({k: v for k, v in record.items() if k != "iter"}), step=record["iter"])
 
 
-def written_to():
-    """The end of an evaluation's header line: where an eval_only run records it (training's go to log.jsonl)."""
-    return f" (eval_only: appended to {record_path})" if eval_only else ""
-
-
 def report_eval():
-    if task:
-        return report_task_eval()
-    losses, bpbs, states, exits = evaluate()
-    log(f"step {iter_num} val loss by loop depth{written_to()}:\n" + "\n".join(
-        f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}   state rms {states[T][0]:.3g}   residual {states[T][1]:.3g}"
-        for T, l in losses.items()))
-    rec = {"iter": iter_num, "val": losses, "val_bpb": bpbs, "val_state_rms": {T: s[0] for T, s in states.items()},
-           "val_residual": {T: s[1] for T, s in states.items()}}
-    if exits:
-        *per_q, rec["val_exit_entropy"], rec["val_exit_step"] = exits
-        rec["val_q_exit"] = {q: {"loss": per_q[2 * i], "steps": per_q[2 * i + 1]} for i, q in enumerate(exit_thresholds)}
-        log(f"  exit gate at T_max={cfg.mean_recurrence}: H(p) {rec['val_exit_entropy']:.3f}, E[t] {rec['val_exit_step']:.2f}; "
-            f"Q-exit, all {cfg.mean_recurrence} steps run and each token's loss read at its exit step:\n" + "\n".join(
-                f"  q={q:<4} loss {r['loss']:.4f}   mean steps {r['steps']:.2f}" for q, r in rec["val_q_exit"].items()))
-    write_log(rec)
-    return losses
+    """Every depth in eval_loops (this rank's share, summed over ranks): printed and recorded. Returns {T: val loss}."""
+    model.eval()
+    if task:  # both eval sets: accuracy by position in the segment, whole segments, the loss on the digits
+        res = tasks.evaluate(raw_model, task_sets, eval_loops, task_buckets, TASK_EVAL_BATCH, device, ctx, rank, world)
+        log(f"step {iter_num}, {task} mod {task_mod} (chance {1 / task_mod:.3f}): accuracy per labelled digit by its "
+            f"position in the segment, whole segments right, loss on the digits, loop state{written_to}\n" + tasks.table(res))
+        rec = tasks.record(res, task_mod, cfg.mean_recurrence)
+    else:
+        losses, bpbs, states, exits = val_by_depth(raw_model, val, val_seqs, block_size, batch_size, eval_loops, token_bytes,
+                                                   device, ctx, exit_thresholds, rank, world, bar=eval_only and master)
+        log(f"step {iter_num} val loss by loop depth{written_to}:\n" + "\n".join(
+            f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}   state rms {states[T][0]:.3g}   residual {states[T][1]:.3g}"
+            for T, l in losses.items()))
+        rec = {"val": losses, "val_bpb": bpbs, "val_state_rms": {T: s[0] for T, s in states.items()},
+               "val_residual": {T: s[1] for T, s in states.items()}}
+        if exits:  # a gated model: the Q-exit table
+            exit_rec, text = decode.q_exit_table(exits, exit_thresholds, cfg.mean_recurrence)
+            rec.update(exit_rec)
+            log(text)
+    model.train()
+    write_log({"iter": iter_num, **rec})
+    return rec["val"]
 
 
 def checkpoint():
     """Every rank's RNG gathered, then rank 0 writes (configurator.save_checkpoint: atomic)."""
-    rng = {"cpu": torch.get_rng_state()}
-    if device_type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state()
-    rngs = [None] * world
-    if ddp:
-        dist.all_gather_object(rngs, rng)
-    else:
-        rngs = [rng]
+    rngs = rng_states(ddp, world, device_type == "cuda")
     if not master:
         return
     save_checkpoint({"model": raw_model.state_dict(), "model_args": asdict(cfg), "iter_num": iter_num, "rng": rngs,
@@ -547,10 +403,7 @@ if not eval_only:
 if eval_only:
     losses = report_eval()
     if len(losses) >= 3:
-        L_inf, Z, z, rms = fit_saturating_exp(list(losses), list(losses.values()))
-        edge = (" (z at the bottom of its search range: these losses do not level off with depth)" if z <= 1.1e-3 else
-                " (z at the top of its search range: the loss settles within a step or two)" if z >= 9.9 else "")
-        log(f"fit L(T) = {L_inf:.4f} + {Z:.4f} * exp(-{z:.4f} T), rms residual {rms:.5f}{edge}")
+        log(fit_line(losses))  # Parcae's saturating exponential in the depth
     if wandb_run is not None:
         wandb_run.finish()
     if ddp:
