@@ -4,6 +4,7 @@ Pictures of runs, from the records train.py writes (log.jsonl, and eval.json whe
     python plot.py out/tiny                                            # -> out/tiny/plot.png
     python plot.py out/tiny out/tiny_naive out/tiny_rdm --out=assets/injections.png
     python plot.py --sweep=out/sweep --out=assets/sweep.png            # the Stability study of sweep.py
+    python plot.py --sweep=out/parity --out=assets/parity.png          # its parity study
 
 For runs, one figure of three panels and more where the records hold more: training loss against step;
 val loss against step, one line per evaluated depth T (a colour per depth, a line style per run); val
@@ -14,7 +15,8 @@ an eval.json, its scores against depth, accuracies (0-1) in one panel and losses
 perplexities on a log axis in another. Several runs share the axes, named by their folders. For a
 sweep: the final val loss against the learning-rate multiplier per variant (mean and range over seeds;
 a run that failed is an x at the top), the largest rho and the largest loop-state RMS logged (log
-scale). Needs matplotlib (pip install matplotlib); nothing else in nanoloop does.
+scale); for a parity sweep, accuracy against test-time depth per variant (mean ± sd over seeds), on the
+long set's last position bucket and on the id set's first. Needs matplotlib (pip install matplotlib); nothing else in nanoloop does.
 """
 import sys
 
@@ -30,7 +32,7 @@ from configurator import configure, fit_saturating_exp
 
 # -----------------------------------------------------------------------------
 out = ""                          # the PNG to write; "" = plot.png in the first run's folder (or the sweep's)
-sweep = ""                        # a sweep.py out_dir: draw its Stability study instead of runs
+sweep = ""                        # a sweep.py out_dir: draw its Stability or parity study instead of runs
 # -----------------------------------------------------------------------------
 STYLES = ["-", "--", "-.", ":"]   # a line style and marker per run (12 before a repeat); by step, a colour per depth
 MARKERS = ["o", "s", "^"]
@@ -175,6 +177,7 @@ def plot_runs(run_dirs, path):
 
 
 SWEEP_RUN = re.compile(r"^(.+)_x([0-9.e+-]+)_s(\d+)$")  # sweep.py's run folders: variant_xMULT_sSEED
+PARITY_RUN = re.compile(r"^(.+)_s(\d+)$")  # and its parity study's: variant_sSEED
 
 
 def read_sweep(sweep_dir):
@@ -203,9 +206,54 @@ def read_sweep(sweep_dir):
     return table
 
 
+def read_parity(sweep_dir):
+    """{variant: [the last task evaluation record of each seed that finished without error]}."""
+    runs = {}
+    for name in sorted(os.listdir(sweep_dir)):
+        m, run_dir = PARITY_RUN.match(name), os.path.join(sweep_dir, name)
+        if not m or SWEEP_RUN.match(name) or not os.path.isfile(os.path.join(run_dir, "status.json")):
+            continue
+        with open(os.path.join(run_dir, "status.json")) as f:
+            ok = json.load(f).get("returncode") == 0
+        log = os.path.join(run_dir, "log.jsonl")
+        evals = [r for r in read_jsonl(log) if "task" in r] if ok and os.path.isfile(log) else []
+        if evals:
+            runs.setdefault(m[1], []).append(evals[-1])
+    return runs
+
+
+def plot_parity(runs, sweep_dir, path):
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for variant, finals in runs.items():
+        for ax, name, which in ((axes[0], "long", -1), (axes[1], "id", 0)):
+            depths = sorted({T for f in finals for T in f["task"][name]}, key=int)
+            bucket = list(finals[0]["task"][name][depths[0]]["acc"])[which]  # digits 25-31 of the long set, 1-8 of id
+            accs = [[f["task"][name][T]["acc"][bucket] for f in finals if T in f["task"][name]] for T in depths]
+            mean = [sum(a) / len(a) for a in accs]
+            sd = [math.sqrt(sum((x - m) ** 2 for x in a) / (len(a) - 1)) if len(a) > 1 else 0 for a, m in zip(accs, mean)]
+            ax.errorbar([int(T) for T in depths], mean, yerr=sd, marker="o", capsize=3,
+                        label=f"{variant} ({len(finals)} seed{'s' * (len(finals) > 1)})")
+            ax.set(title=f"{name} set, digits {bucket} of a segment", xlabel="test-time loop depth T",
+                   ylabel="accuracy (mean ± sd over seeds)")
+    chance = 1 / next(iter(runs.values()))[0]["mod"]
+    for ax in axes:
+        ax.axhline(chance, color="grey", ls=":", label=f"chance {chance:.2f}")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Running parity: accuracy against test-time depth ({sweep_dir})")
+    fig.tight_layout()
+    save(fig, path)
+    return fig
+
+
 def plot_sweep(sweep_dir, path):
     import matplotlib.pyplot as plt
 
+    if os.path.isdir(sweep_dir) and (runs := read_parity(sweep_dir)):  # sweep.py --study=parity's folder
+        return plot_parity(runs, sweep_dir, path)
     table = read_sweep(sweep_dir)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for v, (variant, by_mult) in enumerate(table.items()):

@@ -143,6 +143,29 @@ def test_the_sweep_figure(tmp_path):
     assert [tuple(line.get_xdata()) for line in marks] == [(8.0,)]
 
 
+def test_the_parity_sweep_figure(tmp_path):
+    # sweep.py --study=parity's folders: variant_sSEED, a status.json, log.jsonl with task evaluations (the last drawn)
+    def task(long_acc):
+        return {"id": {T: {"acc": {"1-8": 1.0, "9-12": None}} for T in ("1", "8")},
+                "long": {T: {"acc": {"1-8": 0.9, "25-31": a}} for T, a in long_acc.items()}}
+    runs = {"parcae_s1": (0, [{"1": 0.5, "8": 0.5}, {"1": 0.5, "8": 0.7, "64": 0.9}]),
+            "parcae_s2": (0, [{"1": 0.4, "8": 0.9, "64": 1.0}]), "gpt_s1": (0, [{"1": 0.5, "8": 0.5}]),
+            "gpt_s2": (1, [{"1": 0.0, "8": 0.0}]), "parcae_x1_s1": (0, [{"1": 0.0}])}  # failed; a stability run
+    for name, (rc, evals) in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "status.json").write_text(json.dumps({"returncode": rc}))
+        (tmp_path / name / "log.jsonl").write_text("".join(json.dumps({"iter": 750, "task": task(e), "mod": 2}) + "\n"
+                                                           for e in evals))
+    assert sorted(plot.read_parity(str(tmp_path))) == ["gpt", "parcae"] and len(plot.read_parity(str(tmp_path))["gpt"]) == 1
+    fig = plot.plot_sweep(str(tmp_path), str(tmp_path / "p.png"))
+    assert len(fig.axes) == 2 and png_size(str(tmp_path / "p.png")) == (1200, 450)
+    long, ident = panel(fig, "long set, digits 25-31"), panel(fig, "id set, digits 1-8")
+    drawn = {c.get_label(): (tuple(c.lines[0].get_xdata()), tuple(c.lines[0].get_ydata())) for c in long.containers}
+    assert drawn["parcae (2 seeds)"][0] == (1, 8, 64) and drawn["gpt (1 seed)"] == ((1, 8), (0.5, 0.5))
+    assert drawn["parcae (2 seeds)"][1] == pytest.approx((0.45, 0.8, 0.95))  # the mean over seeds at each depth
+    assert all(tuple(c.lines[0].get_ydata()) == (1.0, 1.0) for c in ident.containers)
+
+
 @pytest.mark.parametrize("args,words", [(["{empty}"], "has no log.jsonl"), ([], "one of the two"),
                                         (["--sweep={empty}"], "no finished sweep.py runs"),
                                         (["--sweep={empty}/nowhere"], "is not a folder"),
