@@ -25,7 +25,7 @@ import traceback
 
 def script_settings(path, cls=None):
     """[(name, default's source text, comment, heading)] of a script's settings: its top-level `name = literal`
-    assignments before its first try: or configure() call. comment: the # text on the same line, with the indented
+    assignments before its first try:, with: or configure() call. comment: the # text on the same line, with the indented
     comment-only lines right below it that continue it; heading: a comment-only line just above it (a section
     title) or None. cls: the fields of that class instead (model.py's GPTConfig: train.py's model settings).
     Read from the source text: no imports needed."""
@@ -43,15 +43,17 @@ def script_settings(path, cls=None):
     for node in body:
         if isinstance(node, ast.AnnAssign) and node.value is not None:  # a dataclass field: name: type = default
             node = ast.Assign(targets=[node.target], value=node.value, lineno=node.lineno)
-        if isinstance(node, ast.Try) or "configure(" in (ast.get_source_segment(src, node) or "").split("\n")[0]:
+        if isinstance(node, (ast.Try, ast.With)) or "configure(" in (ast.get_source_segment(src, node) or "").split("\n")[0]:
             break  # everything after this is the script, not settings
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
             if node.targets[0].id.isupper():
                 continue  # a CONSTANT, not a setting
             try:
-                ast.literal_eval(node.value)
+                value = ast.literal_eval(node.value)
             except ValueError:
                 continue  # not a literal: not a setting
+            if not isinstance(value, (int, float, bool, str, tuple, type(None))):
+                continue  # a dict or list (train.py's given = {}): configure() sets none of these
             above = [c for n, (c, alone) in comments.items() if last < n < node.lineno and alone and c.strip("-")]
             comment, alone = comments.get(node.lineno, ("", True))
             n = node.lineno + 1

@@ -48,7 +48,6 @@ def q_exit_sums(ce, z, valid, qs):
     return torch.stack(out).double() if out else torch.zeros(0, dtype=torch.float64, device=ce.device)
 
 
-
 def q_exit_table(means, qs, mu):
     """train.py's evaluation of a gated model at T_max = mu: its log.jsonl fields and printed lines, from means over
     the val tokens of q_exit_sums' values followed by H(p) and E[t]."""
@@ -58,6 +57,7 @@ def q_exit_table(means, qs, mu):
     return rec, (f"  exit gate at T_max={mu}: H(p) {entropy:.3f}, E[t] {step:.2f}; Q-exit, all {mu} steps run and "
                  f"each token's loss read at its exit step:\n" + "\n".join(
                      f"  q={q:<4} loss {r['loss']:.4f}   mean steps {r['steps']:.2f}" for q, r in rec["val_q_exit"].items()))
+
 
 class KVCache:
     """Keys and values of past tokens for ONE attention application (a layer, or a core layer at one loop step)."""

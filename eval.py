@@ -260,19 +260,20 @@ def score_val(model, tokens, num_loops, rows_per_batch, token_bytes, device="cpu
 
 @torch.no_grad()
 def val_by_depth(model, val, n_rows, block_size, batch_size, depths, token_bytes, device, ctx=nullcontext(), exit_qs=(),
-                 rank=0, world=1, bar=False):
+                 rank=0, world=1, show_bar=False):
     """train.py's evaluation: val loss (nats per token) and bits per byte on the first n_rows rows of block_size of
     val (a token array) at every depth, and the loop state there (RMS of h_T, last step's relative residual): does
     it settle, drift or blow up past the training depth? bpb leaves out targets with no bytes (<|endoftext|>, padded
     ids). This rank takes batches rank, rank + world ...; the sums are over every rank's. A gated model at T_max also
-    gives, for each q in exit_qs, the mean CE at each token's Q-exit step and that step, then H(p) and E[t]."""
+    gives, for each q in exit_qs, the mean CE at each token's Q-exit step and that step, then H(p) and E[t].
+    The caller puts the model in eval mode (model.eval(): no depth sampling)."""
     cfg = model.config
     losses, bpbs, states = {}, {}, {}
     exit_sums = torch.zeros(2 * len(exit_qs) + 3, device=device, dtype=torch.float64)
     n = block_size * batch_size
     sum_dtype = torch.float32 if str(device).startswith("mps") else torch.float64  # byte counts pass 2^24 in fp32
     batches = range(rank * batch_size, n_rows, world * batch_size)
-    bar = tqdm(total=len(depths) * len(batches), desc="eval", unit="batch", disable=None if bar else True)
+    bar = tqdm(total=len(depths) * len(batches), desc="eval", unit="batch", disable=None if show_bar else True)
     for T in depths:  # an eval_only sweep may go deep: a bar on a terminal, with the time left
         total = torch.zeros(4, device=device)  # sums over batches: loss, 1, state rms, residual
         nats_bytes = torch.zeros(2, device=device, dtype=sum_dtype)  # nats of targets with bytes, their bytes

@@ -230,10 +230,13 @@ def plot_parity(runs, sweep_dir, path):
         for ax, name, which in ((axes[0], "long", -1), (axes[1], "id", 0)):
             depths = sorted({T for f in finals for T in f["task"][name]}, key=int)
             bucket = list(finals[0]["task"][name][depths[0]]["acc"])[which]  # digits 25-31 of the long set, 1-8 of id
-            accs = [[f["task"][name][T]["acc"][bucket] for f in finals if T in f["task"][name]] for T in depths]
-            mean = [sum(a) / len(a) for a in accs]
-            sd = [math.sqrt(sum((x - m) ** 2 for x in a) / (len(a) - 1)) if len(a) > 1 else 0 for a, m in zip(accs, mean)]
-            ax.errorbar([int(T) for T in depths], mean, yerr=sd, marker="o", capsize=3,
+            accs = {T: [a for f in finals if (a := f["task"][name].get(T, {}).get("acc", {}).get(bucket)) is not None]
+                    for T in depths}  # None: no digit of that bucket in the set
+            accs = {T: a for T, a in accs.items() if a}
+            mean = [sum(a) / len(a) for a in accs.values()]
+            sd = [math.sqrt(sum((x - m) ** 2 for x in a) / (len(a) - 1)) if len(a) > 1 else 0
+                  for a, m in zip(accs.values(), mean)]
+            ax.errorbar([int(T) for T in accs], mean, yerr=sd, marker="o", capsize=3,
                         label=f"{variant} ({len(finals)} seed{'s' * (len(finals) > 1)})")
             ax.set(title=f"{name} set, digits {bucket} of a segment", xlabel="test-time loop depth T",
                    ylabel="accuracy (mean ± sd over seeds)")

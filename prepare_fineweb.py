@@ -115,7 +115,6 @@ def open_split(data_dir, split):
         raise ValueError(f"bad shard: {e}") from None
 
 
-
 def open_data(data_dir, batch_size, block_size, world, val_tokens, train=True):
     """train.py's text: (train shards, the val tokens, the val rows every evaluation reads: the first val_tokens in
     whole batches of every rank), each checked to hold one micro-batch of every rank; a ValueError says what to lower."""
@@ -136,6 +135,7 @@ def open_data(data_dir, batch_size, block_size, world, val_tokens, train=True):
         raise ValueError(f"the val shards in {data_dir} hold {len(val)} tokens, fewer than one batch of every rank "
                          f"needs, {smaller}")
     return train_shards, val, val_seqs
+
 
 def read_batch(shards, pos, batch_size, block_size, rank=0, world=1):
     """The next global micro-batch of world * batch_size sequences, read sequentially from pos =

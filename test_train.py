@@ -134,6 +134,9 @@ def test_help_lists_every_model_setting_once(script):
         hits = [l for l in r.stdout.splitlines() if l.split()[:3] == [name, "=", default]]
         assert len(hits) == 1 and (name == "block_size" or hits[0].endswith("# " + comment.strip())), (name, hits)
     assert "settings of model.py GPTConfig" in r.stdout
+    if script == "train.py":  # its own section lists its settings block and nothing past it (iter_num, data_pos ...)
+        own = r.stdout.split("settings of train.py")[1].split("settings of model.py")[0]
+        assert re.findall(r"^  (\w+) = ", own, re.M) == list(settings_in("train.py"))
 
 
 @pytest.mark.parametrize("args,fix", [(["--total_batch_size=1000"], "set --total_batch_size=1024"),

@@ -77,7 +77,8 @@ task_eval_seed = 0               # the eval sets' seed: the same sets in every r
 batch_size = 16                  # micro-batch, sequences per device
 block_size = 1024                # sequence length
 total_batch_size = 524288        # tokens per optimizer step; gradient accumulation makes up the rest
-# model: every GPTConfig field in model.py is a setting too (--injection=concat, --n_embd=256; --help lists them)
+# model: every GPTConfig field in model.py is a setting too (--injection=concat, --n_embd=256; --help lists them),
+# so vocab_size, mean_recurrence, backprop_depth, exit_gate, eval_state ... below are defined here
 globals().update({f.name: f.default for f in fields(GPTConfig) if f.name != "block_size"})
 # Ouro's two training stages (README "Ouro")
 exit_beta = 0.0                  # Stage I: loss = E_p[CE_t] - exit_beta * H(p) over the exit distribution; 0 = off
@@ -287,11 +288,10 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 cfg = raw_model.config
-if not task and int(val[:val_seqs * block_size + 1].max()) >= cfg.vocab_size:  # every token evaluate() reads, checked once
+if not task and int(val[:val_seqs * block_size + 1].max()) >= cfg.vocab_size:  # every token val_by_depth reads, checked once
     raise SystemExit(f"error: the val shards in {data_dir} hold token id {int(val.max())}, not below "
                      f"vocab_size={cfg.vocab_size}: shards of another tokenizer, or a vocab_size too small")
-if not eval_loops:
-    eval_loops = tuple(sorted({1, 2, max(1, cfg.mean_recurrence // 2), cfg.mean_recurrence, 2 * cfg.mean_recurrence}))
+eval_loops = eval_loops or tuple(sorted({1, 2, max(1, cfg.mean_recurrence // 2), cfg.mean_recurrence, 2 * cfg.mean_recurrence}))
 if cfg.exit_gate and not task and cfg.mean_recurrence not in eval_loops:  # the Q-exit table is read at T_max
     eval_loops = tuple(sorted({*eval_loops, cfg.mean_recurrence}))
 if not peak_flops and device_type == "cuda":
@@ -352,7 +352,7 @@ def report_eval():
         rec = tasks.record(res, task_mod, cfg.mean_recurrence)
     else:
         losses, bpbs, states, exits = val_by_depth(raw_model, val, val_seqs, block_size, batch_size, eval_loops, token_bytes,
-                                                   device, ctx, exit_thresholds, rank, world, bar=eval_only and master)
+                                                   device, ctx, exit_thresholds, rank, world, show_bar=eval_only and master)
         log(f"step {iter_num} val loss by loop depth{written_to}:\n" + "\n".join(
             f"  T={T:<3d} {l:.4f}   bpb {bpbs[T]:.4f}   state rms {states[T][0]:.3g}   residual {states[T][1]:.3g}"
             for T, l in losses.items()))
