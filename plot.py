@@ -15,7 +15,7 @@ an eval.json, its scores against depth, accuracies (0-1) in one panel and losses
 perplexities on a log axis in another. Several runs share the axes, named by their folders. For a
 sweep: the final val loss against the learning-rate multiplier per variant (mean and range over seeds;
 a run that failed is an x at the top), the largest rho and the largest loop-state RMS logged (log
-scale); for a parity sweep, accuracy against test-time depth per variant (mean ± sd over seeds), on the
+scale); for a parity sweep, accuracy against test-time depth per variant (mean and range over seeds), on the
 long set's last position bucket and on the id set's first. Needs matplotlib (pip install matplotlib); nothing else in nanoloop does.
 """
 import sys
@@ -234,12 +234,11 @@ def plot_parity(runs, sweep_dir, path):
                     for T in depths}  # None: no digit of that bucket in the set
             accs = {T: a for T, a in accs.items() if a}
             mean = [sum(a) / len(a) for a in accs.values()]
-            sd = [math.sqrt(sum((x - m) ** 2 for x in a) / (len(a) - 1)) if len(a) > 1 else 0
-                  for a, m in zip(accs.values(), mean)]
-            ax.errorbar([int(T) for T in accs], mean, yerr=sd, marker="o", capsize=3,
+            lo, hi = [m - min(a) for a, m in zip(accs.values(), mean)], [max(a) - m for a, m in zip(accs.values(), mean)]
+            ax.errorbar([int(T) for T in accs], mean, yerr=[lo, hi], marker="o", capsize=3,
                         label=f"{variant} ({len(finals)} seed{'s' * (len(finals) > 1)})")
             ax.set(title=f"{name} set, digits {bucket} of a segment", xlabel="test-time loop depth T",
-                   ylabel="accuracy (mean ± sd over seeds)")
+                   ylabel="accuracy (mean; bars: lowest to highest seed)")
     chance = 1 / next(iter(runs.values()))[0]["mod"]
     for ax in axes:
         ax.axhline(chance, color="grey", ls=":", label=f"chance {chance:.2f}")
