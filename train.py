@@ -84,7 +84,7 @@ globals().update({f.name: f.default for f in fields(GPTConfig) if f.name != "blo
 exit_beta = 0.0                  # Stage I: loss = E_p[CE_t] - exit_beta * H(p) over the exit distribution; 0 = off
 train_gate = False               # Stage II: train the exit gate alone (a new AdamW), every other weight frozen
 exit_thresholds = (0.25, 0.5, 0.75, 0.9)  # q values of the Q-exit table every evaluation of a gated model prints
-# optimizer: Muon for block matrices, AdamW for the rest (Parcae's recipe, README "Full scale")
+# optimizer: Muon for block matrices, AdamW for the rest (Parcae's recipe, README "How training works")
 max_iters = 5000                 # optimizer steps; the run ends by checkpointing exactly this state
 muon_lr = 0.02                   # Muon, for the matrices inside blocks
 adam_lr = 8e-3                   # AdamW, for embedding, norms and injection parameters
